@@ -1,0 +1,1 @@
+"""ViT backbones, the three self-supervised methods, and checkpoint import/export."""
