@@ -1,0 +1,162 @@
+"""Torch datasets over a site table: cell crops for training (uint16, read crop by crop) and whole sites for inference.
+
+Training randomness comes only from ``utils.seeding.sample_seed(seed, epoch, index)``, so a batch does not depend on
+the number of workers, the rank that loads it or the order in which workers run, and a run resumed at an epoch
+boundary sees exactly the crops the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from data.augment import AugmentRecipe, crop_and_resize, sample_crop_boxes
+from data.cellmask import DEFAULT_FACTOR, DEFAULT_MIN_FRACTION, integral_mask, otsu_threshold
+from data.io import open_site_array, read_site
+from data.prefetch import site_otsu
+from data.schema import DEFAULT_CHANNELS, image_paths
+from utils.errors import ConfigError, DataError
+from utils.seeding import sample_seed
+
+
+def dna_index(channels: Sequence[str]) -> int:
+    """Position of the DNA channel, looked up by name (never assumed to be 4)."""
+    if "DNA" not in channels:
+        raise ConfigError(f"channels {list(channels)} have no 'DNA' channel, which the cell mask needs")
+    return list(channels).index("DNA")
+
+
+def _site_name(row: Any, channels: Sequence[str]) -> str:
+    """The first file of a site, for error messages."""
+    try:
+        paths = image_paths(row, channels)
+    except Exception:  # the message must not fail on a malformed row
+        paths = []
+    return paths[0] if paths else f"site row {getattr(row, 'name', '?')}"
+
+
+class TrainCropDataset(Dataset):
+    """One item per site: the recipe's crops as uint16 tensors, reading only the crop boxes and the DNA channel.
+
+    Item ``i`` is ``{"views": [uint16 (count, C, size, size) per ViewSpec], "index": i, "cell_crops": n}`` where
+    ``n`` counts the crops that satisfied the cell rule. Keys may also be ``(epoch, i)`` pairs, which ignore
+    ``set_epoch``: use them with persistent workers, whose copy of the dataset never sees ``set_epoch``.
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        recipe: AugmentRecipe,
+        channels: Sequence[str] = DEFAULT_CHANNELS,
+        seed: int = 0,
+        *,
+        max_tries: int = 20,
+        factor: float = DEFAULT_FACTOR,
+        min_fraction: float = DEFAULT_MIN_FRACTION,
+    ) -> None:
+        if len(table) == 0:
+            raise DataError("the training table has no sites")
+        self.table = table.reset_index(drop=True)
+        self.recipe = recipe
+        self.channels = tuple(channels)
+        self.dna = dna_index(self.channels)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.max_tries = int(max_tries)
+        self.factor = float(factor)
+        self.min_fraction = float(min_fraction)
+        self._otsu_cache: dict[int, float] = {}
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose crops ``__getitem__`` returns (call before each epoch's iterator is created)."""
+        self.epoch = int(epoch)
+
+    def _metadata_otsu(self, index: int, row: pd.Series) -> float:
+        """The stored threshold (TIFF description, then Otsu_th; already raw units), cached per process."""
+        if index not in self._otsu_cache:
+            self._otsu_cache[index] = float(site_otsu(row))
+        return self._otsu_cache[index]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, int(key))
+        if not 0 <= index < len(self.table):
+            raise IndexError(f"site index {index} out of range for {len(self.table)} sites")
+        row = self.table.iloc[index]
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
+        site = open_site_array(row, self.channels)
+        _, height, width = (int(s) for s in site.shape)
+        dna = np.asarray(site[self.dna])
+        otsu = self._metadata_otsu(index, row)
+        if math.isnan(otsu):
+            otsu = otsu_threshold(dna)
+        integral = integral_mask(dna, otsu, self.factor)
+        views, cell_crops = [], 0
+        for spec in self.recipe.views:
+            try:
+                boxes, passed = sample_crop_boxes(
+                    integral, height, width, spec, rng, max_tries=self.max_tries, min_fraction=self.min_fraction
+                )
+                crops = crop_and_resize(site, boxes, spec.size)
+            except DataError as exc:
+                raise DataError(f"{_site_name(row, self.channels)}: {exc}") from None
+            views.append(torch.from_numpy(crops))
+            cell_crops += int(passed.sum())
+        return {"views": views, "index": index, "cell_crops": cell_crops}
+
+
+class InferenceSiteDataset(Dataset):
+    """Every site of a table in table order, whole, as uint16, with its stored Otsu threshold (NaN when unknown)."""
+
+    def __init__(self, table: pd.DataFrame, channels: Sequence[str] = DEFAULT_CHANNELS) -> None:
+        self.table = table.reset_index(drop=True)
+        self.channels = tuple(channels)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= int(index) < len(self.table):
+            raise IndexError(f"site index {index} out of range for {len(self.table)} sites")
+        pixels, otsu = read_site(self.table.iloc[int(index)], self.channels)
+        if not pixels.flags.writeable:  # a memory-mapped .npy: torch tensors must own writable memory
+            pixels = np.array(pixels)
+        return {"pixels": torch.from_numpy(pixels), "otsu": float(otsu), "index": int(index)}
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give Python/NumPy in each worker a distinct seed derived from torch's.
+
+    Our datasets draw only from per-item generators; this protects any other code that uses global RNGs.
+    """
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def collate_views(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items into one uint16 tensor per ViewSpec, (count*B, C, s, s) view-major, as the methods expect.
+
+    Rows 0..B-1 are crop 0 of every sample, rows B..2B-1 crop 1, and so on.
+    """
+    if not batch:
+        raise ValueError("collate_views got an empty batch")
+    n_groups = len(batch[0]["views"])
+    views = []
+    for g in range(n_groups):
+        stacked = torch.stack([item["views"][g] for item in batch], dim=1)
+        views.append(stacked.reshape(-1, *stacked.shape[2:]))
+    return {
+        "views": views,
+        "index": torch.tensor([int(item["index"]) for item in batch], dtype=torch.long),
+        "cell_crops": torch.tensor([int(item.get("cell_crops", 0)) for item in batch], dtype=torch.long),
+    }

@@ -1,0 +1,404 @@
+"""One site table for both CSV conventions (the paper's merged files and JUMP load_data), validated in one pass."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from utils.errors import DataError
+
+DEFAULT_CHANNELS: tuple[str, ...] = ("Mito", "AGP", "RNA", "ER", "DNA")
+METADATA_COLUMNS: tuple[str, ...] = ("batch", "plate", "well", "field", "perturbation_id", "target")
+OPTIONAL_METADATA: tuple[str, ...] = ("control_type", "gene_group")
+INFERENCE_REQUIRED: tuple[str, ...] = METADATA_COLUMNS
+TRAIN_REQUIRED: tuple[str, ...] = ()
+
+MERGED_COLUMN = "FileName_Merged"
+OTSU_COLUMN = "Otsu_th"
+LAYOUT_COLUMN = "layout"
+LAYOUTS: tuple[str, ...] = ("merged", "npy", "per-channel")
+TIFF_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
+NPY_SUFFIXES: tuple[str, ...] = (".npy",)
+
+# JUMP / CellProfiler load_data names accepted for each internal column; the paper's own name always wins.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "batch": ("Metadata_Batch", "Metadata_batch"),
+    "plate": ("Metadata_Plate", "Metadata_plate"),
+    "well": ("Metadata_Well", "Metadata_well"),
+    "field": ("Metadata_Site", "Metadata_Field", "Metadata_site", "Metadata_field"),
+    "perturbation_id": ("Metadata_perturbation_id", "Metadata_JCP2022"),
+    "target": ("Metadata_target", "Metadata_Target"),
+    "control_type": ("Metadata_control_type", "Metadata_ControlType"),
+    "gene_group": ("Metadata_gene_group",),
+}
+STRING_COLUMNS: tuple[str, ...] = ("batch", "plate", "well", "perturbation_id", "target", "control_type", "gene_group")
+SHOWN_PER_KIND = 3
+
+
+def filename_column(channel: str) -> str:
+    """JUMP load_data column holding a channel's file name."""
+    return f"FileName_Orig{channel}"
+
+
+def pathname_column(channel: str) -> str:
+    """JUMP load_data column holding a channel's folder."""
+    return f"PathName_Orig{channel}"
+
+
+def layout_of_path(path: str) -> str | None:
+    """Layout implied by a merged-file extension (None when unsupported)."""
+    lower = str(path).lower()
+    if lower.endswith(TIFF_SUFFIXES):
+        return "merged"
+    if lower.endswith(NPY_SUFFIXES):
+        return "npy"
+    return None
+
+
+def image_paths(row: Mapping[str, Any], channels: Sequence[str] = DEFAULT_CHANNELS) -> list[str]:
+    """Files that make up one site, so error messages and skip lists can name them."""
+    layout = row.get(LAYOUT_COLUMN)
+    merged = row.get(MERGED_COLUMN)
+    if layout in ("merged", "npy") or (layout is None and _present(merged)):
+        return [str(merged)]
+    return [str(row.get(filename_column(ch))) for ch in channels]
+
+
+class _Problems:
+    """Collects validation problems by kind so one error can report all of them."""
+
+    def __init__(self) -> None:
+        self.by_kind: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, kind: str, detail: str) -> None:
+        self.by_kind[kind].append(detail)
+
+    def __bool__(self) -> bool:
+        return bool(self.by_kind)
+
+    def message(self, csv_path: str) -> str:
+        total = sum(len(v) for v in self.by_kind.values())
+        parts = []
+        for kind, details in self.by_kind.items():
+            shown = ", ".join(details[:SHOWN_PER_KIND])
+            more = f" and {len(details) - SHOWN_PER_KIND} more" if len(details) > SHOWN_PER_KIND else ""
+            parts.append(f"{kind} ({len(details)}): {shown}{more}")
+        noun = "problem" if total == 1 else "problems"
+        return f"{csv_path}: {total} {noun} (line numbers count the header as line 1): " + "; ".join(parts)
+
+
+def _present(value: Any) -> bool:
+    """True for a non-empty cell (NaN, None and blank strings count as empty)."""
+    if value is None:
+        return False
+    if isinstance(value, float) and math.isnan(value):
+        return False
+    return str(value).strip() != ""
+
+
+def _line(index: int) -> str:
+    """CSV line of a 0-based data row (the header is line 1)."""
+    return f"line {index + 2}"
+
+
+def _read_csv(csv_path: Path) -> pd.DataFrame:
+    """Read the CSV with metadata and path columns as strings so plate '0001' stays '0001'."""
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: dataset CSV not found")
+    string_cols = set(STRING_COLUMNS) | {MERGED_COLUMN, OTSU_COLUMN}
+    for name in STRING_COLUMNS:
+        string_cols.update(ALIASES.get(name, ()))
+    try:
+        header = pd.read_csv(csv_path, nrows=0).columns
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path}: empty file, expected a header row and one row per site") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    string_cols.update(c for c in header if c.startswith(("FileName_", "PathName_")))
+    try:
+        return pd.read_csv(csv_path, dtype={c: str for c in string_cols if c in header}, keep_default_na=True)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+
+
+def _map_metadata(df: pd.DataFrame) -> None:
+    """Copy JUMP metadata columns under the paper's names (in place), keeping the originals."""
+    for name, aliases in ALIASES.items():
+        if name in df.columns:
+            continue
+        for alias in aliases:
+            if alias in df.columns:
+                df[name] = df[alias]
+                break
+
+
+def _missing_column_hint(name: str) -> str:
+    aliases = ALIASES.get(name)
+    return f"'{name}' (JUMP: '{aliases[0]}')" if aliases else f"'{name}'"
+
+
+def _resolve(base: str, value: Any) -> str:
+    """Absolute, normalised path of a CSV cell relative to ``base``."""
+    return os.path.normpath(os.path.join(base, os.path.expanduser(str(value).strip())))
+
+
+def _present_mask(series: pd.Series) -> np.ndarray:
+    """Non-empty cells of a column (NaN and blank strings count as empty), vectorised."""
+    return (series.notna() & (series.astype(str).str.strip() != "")).to_numpy()
+
+
+def _cell_text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
+
+
+def _resolve_column(base: str, names: pd.Series, folders: pd.Series | None) -> np.ndarray:
+    """Absolute paths for a column of file names (and optional folders), normalising each distinct folder once."""
+    folder_cells = folders.tolist() if folders is not None else None
+    resolved: dict[str, str] = {}
+    out = []
+    for i, value in enumerate(names.tolist()):
+        name = _cell_text(value)
+        if folder_cells is not None:
+            folder = _cell_text(folder_cells[i])
+            if folder and not name.startswith(("/", "~")):
+                name = folder.rstrip("/") + "/" + name
+        folder, sep, leaf = name.rpartition("/")
+        if leaf in ("", ".", ".."):
+            out.append(_resolve(base, name))
+            continue
+        folder = folder or ("/" if sep else "")
+        absolute = resolved.get(folder)
+        if absolute is None:
+            absolute = resolved[folder] = _resolve(base, folder) if folder else base
+        out.append(absolute + leaf if absolute.endswith("/") else absolute + "/" + leaf)
+    return np.array(out, dtype=object)
+
+
+def _resolve_paths(
+    df: pd.DataFrame, base: str, channels: Sequence[str], problems: _Problems, csv_path: Path
+) -> None:
+    """Fill ``layout``, absolute ``FileName_Merged`` and ``FileName_Orig*`` columns, recording unusable rows."""
+    n = len(df)
+    has_merged_col = MERGED_COLUMN in df.columns
+    per_channel_cols = [filename_column(ch) for ch in channels]
+    has_all_channel_cols = all(c in df.columns for c in per_channel_cols)
+    if not has_merged_col and not has_all_channel_cols:
+        absent = [c for c in per_channel_cols if c not in df.columns]
+        if any(c.startswith("FileName_Orig") for c in df.columns):
+            problems.add("missing column", f"{', '.join(repr(c) for c in absent)} in {csv_path}")
+        else:
+            problems.add(
+                "missing column",
+                f"'{MERGED_COLUMN}' (or per-channel {', '.join(repr(c) for c in per_channel_cols)}) in {csv_path}",
+            )
+        return
+
+    layouts = np.full(n, None, dtype=object)
+    merged_abs = np.full(n, None, dtype=object)
+    flagged = np.zeros(n, dtype=bool)
+    if has_merged_col:
+        merged = df[MERGED_COLUMN]
+        present = _present_mask(merged)
+        lower = merged.fillna("").astype(str).str.strip().str.lower()
+        is_tif = lower.str.endswith(TIFF_SUFFIXES).to_numpy() & present
+        is_npy = lower.str.endswith(NPY_SUFFIXES).to_numpy() & present
+        flagged = present & ~is_tif & ~is_npy
+        for i in np.flatnonzero(flagged):
+            problems.add("unsupported image extension", f"{_line(int(i))} ({merged.iloc[i]}; use .tif/.tiff or .npy)")
+        layouts[is_tif] = "merged"
+        layouts[is_npy] = "npy"
+        ok = is_tif | is_npy
+        if ok.any():
+            merged_abs[ok] = _resolve_column(base, merged[ok], None)
+
+    channel_abs = {ch: np.full(n, None, dtype=object) for ch in channels}
+    if has_all_channel_cols:
+        filled = np.stack([_present_mask(df[c]) for c in per_channel_cols], axis=1)
+        candidates = pd.isna(layouts) & ~flagged
+        partial = candidates & filled.any(axis=1) & ~filled.all(axis=1)
+        for i in np.flatnonzero(partial):
+            empty = [per_channel_cols[c] for c in np.flatnonzero(~filled[i])]
+            problems.add("empty channel file name", f"{_line(int(i))} ({', '.join(empty)})")
+        flagged = flagged | partial
+        rows = candidates & filled.all(axis=1)
+        if rows.any():
+            bad_ext = np.zeros(n, dtype=bool)
+            for ch in channels:
+                folder_col = pathname_column(ch)
+                folders = df.loc[rows, folder_col] if folder_col in df.columns else None
+                channel_abs[ch][rows] = _resolve_column(base, df.loc[rows, filename_column(ch)], folders)
+                lower = pd.Series(channel_abs[ch][rows]).str.lower()
+                bad_ext[np.flatnonzero(rows)[~lower.str.endswith(TIFF_SUFFIXES).to_numpy()]] = True
+            for i in np.flatnonzero(bad_ext):
+                paths = [channel_abs[ch][i] for ch in channels]
+                bad = next(p for p in paths if not p.lower().endswith(TIFF_SUFFIXES))
+                problems.add("unsupported image extension", f"{_line(int(i))} ({bad}; use .tif/.tiff)")
+            layouts[rows] = "per-channel"
+
+    for i in np.flatnonzero(pd.isna(layouts) & ~flagged):
+        problems.add("no image path", _line(int(i)))
+
+    df[LAYOUT_COLUMN] = layouts
+    df[MERGED_COLUMN] = merged_abs
+    for ch in channels:
+        df[filename_column(ch)] = channel_abs[ch]
+
+
+def _listing(directory: str, cache: dict[str, set[str] | None]) -> set[str] | None:
+    """File names in ``directory`` from one scandir (None when the folder does not exist)."""
+    if directory not in cache:
+        try:
+            with os.scandir(directory) as entries:
+                cache[directory] = {e.name for e in entries if e.is_file()}
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            cache[directory] = None
+    return cache[directory]
+
+
+def find_missing_files(paths: Iterable[str]) -> set[str]:
+    """Which of ``paths`` are not existing files, listing each folder once instead of one stat per file."""
+    by_dir: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for p in paths:
+        folder, _, name = p.rpartition("/")
+        by_dir[folder or "/"].append((p, name))
+    missing: set[str] = set()
+    cache: dict[str, set[str] | None] = {}
+    for directory, files in by_dir.items():
+        if len(files) < 16:
+            missing.update(p for p, _ in files if not os.path.isfile(p))
+            continue
+        names = _listing(directory, cache)
+        if names is None:
+            missing.update(p for p, _ in files)
+            continue
+        missing.update(p for p, name in files if name not in names)
+    return missing
+
+
+def _check_files(row_paths: list[list[str]], problems: _Problems) -> None:
+    """Record every site with missing image files, naming the first missing file of each."""
+    missing = find_missing_files(p for paths in row_paths for p in paths)
+    if not missing:
+        return
+    for i, paths in enumerate(row_paths):
+        absent = [p for p in paths if p in missing]
+        if absent:
+            more = f" and {len(absent) - 1} more of this site" if len(absent) > 1 else ""
+            problems.add("missing file", f"{_line(i)} ({absent[0]}{more})")
+
+
+def _check_duplicates(df: pd.DataFrame, row_paths: list[list[str]], problems: _Problems) -> None:
+    """Record sites listed twice, by (plate, well, field) and by file path."""
+    keys = [c for c in ("plate", "well", "field") if c in df.columns]
+    if len(keys) == 3:
+        dup = df.duplicated(subset=keys, keep="first")
+        if dup.any():
+            first = {}
+            for i, key in enumerate(zip(*(df[k].tolist() for k in keys))):
+                if key in first:
+                    problems.add(
+                        "duplicate site (plate, well, field)",
+                        f"{_line(i)} repeats {_line(first[key])} {tuple(str(k) for k in key)}",
+                    )
+                else:
+                    first[key] = i
+    seen: dict[str, int] = {}
+    for i, paths in enumerate(row_paths):
+        for p in paths:
+            if p in seen:
+                where = "the same line" if seen[p] == i else _line(seen[p])
+                problems.add("duplicate image path", f"{_line(i)} repeats {where} ({p})")
+            else:
+                seen[p] = i
+
+
+def _row_paths(df: pd.DataFrame, channels: Sequence[str]) -> list[list[str]]:
+    merged = df[MERGED_COLUMN].tolist()
+    per_channel = [df[filename_column(ch)].tolist() for ch in channels] if channels else []
+    out = []
+    for i, layout in enumerate(df[LAYOUT_COLUMN].tolist()):
+        if layout in ("merged", "npy"):
+            out.append([merged[i]])
+        elif layout == "per-channel":
+            out.append([col[i] for col in per_channel])
+        else:
+            out.append([])
+    return out
+
+
+def _parse_otsu(df: pd.DataFrame, problems: _Problems) -> None:
+    """Make ``Otsu_th`` float in raw uint16 units (NaN when unknown), by the rule of ``otsu_to_raw``."""
+    if OTSU_COLUMN not in df.columns:
+        df[OTSU_COLUMN] = np.nan
+        return
+    values = pd.to_numeric(df[OTSU_COLUMN], errors="coerce").astype(float).to_numpy()
+    non_numeric = np.isnan(values) & _present_mask(df[OTSU_COLUMN])
+    invalid = np.isinf(values) | (values < 0)
+    for i in np.flatnonzero(non_numeric | invalid):
+        problems.add("invalid Otsu_th", f"{_line(int(i))} ({df[OTSU_COLUMN].iloc[i]!r})")
+    values = np.where(invalid, np.nan, values)
+    df[OTSU_COLUMN] = np.where(values <= 1.0, values * 65535.0, values)
+
+
+def otsu_to_raw(value: float | None, scale: float = 65535.0) -> float:
+    """A stored Otsu threshold in raw uint16 units: <= 1.0 means the [0,1] scale (docs/DATA.md); None/NaN give NaN."""
+    if value is None:
+        return math.nan
+    value = float(value)
+    if math.isnan(value):
+        return math.nan
+    if math.isinf(value) or value < 0:
+        raise DataError(f"invalid Otsu threshold {value!r}: must be >= 0 and finite")
+    return value * scale if value <= 1.0 else value
+
+
+def load_site_table(
+    csv_path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str] | None = None,
+    channels: Sequence[str] = DEFAULT_CHANNELS,
+    required: Sequence[str] = (),
+    check_files: bool = True,
+) -> pd.DataFrame:
+    """Load a site CSV in either convention into the internal schema, reporting every problem in one DataError."""
+    csv_path = Path(csv_path)
+    channels = tuple(channels)
+    if len(set(channels)) != len(channels) or not channels:
+        raise DataError(f"channels must be distinct and non-empty, got {list(channels)}")
+    df = _read_csv(csv_path)
+    if len(df) == 0:
+        raise DataError(f"{csv_path}: empty table (a header but no site rows)")
+    df = df.reset_index(drop=True)
+    _map_metadata(df)
+    if image_root is not None and not Path(image_root).is_dir():
+        raise DataError(f"image root {image_root} is not a folder")
+    base = os.path.abspath(image_root if image_root is not None else csv_path.parent)
+
+    problems = _Problems()
+    absent = [_missing_column_hint(name) for name in required if name not in df.columns]
+    if absent:
+        problems.add("missing column", f"{', '.join(absent)} in {csv_path}")
+    for name in STRING_COLUMNS:
+        if name in df.columns:
+            df[name] = df[name].where(df[name].isna(), df[name].astype(str))
+    for name in required:
+        if name in df.columns:
+            empty = np.flatnonzero(~_present_mask(df[name]))
+            for i in empty:
+                problems.add(f"empty '{name}'", _line(int(i)))
+    _parse_otsu(df, problems)
+    _resolve_paths(df, base, channels, problems, csv_path)
+    if LAYOUT_COLUMN in df.columns:
+        row_paths = _row_paths(df, channels)
+        _check_duplicates(df, row_paths, problems)
+        if check_files:
+            _check_files(row_paths, problems)
+    if problems:
+        raise DataError(problems.message(str(csv_path)))
+    return df

@@ -1,0 +1,99 @@
+"""Size/stride tiling of whole sites as one tensor op, with the paper's cell rule deciding which tiles count."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from data.cellmask import DEFAULT_FACTOR, DEFAULT_MIN_FRACTION, has_cells
+from utils.errors import ConfigError, DataError
+
+
+def _grid(length: int, size: int, stride: int, center: bool, axis: str) -> tuple[int, int]:
+    """(number of tiles, offset of the first tile) along one axis."""
+    if length < size:
+        raise DataError(f"image {axis} {length} px is smaller than the tile size {size} px")
+    count = (length - size) // stride + 1
+    covered = (count - 1) * stride + size
+    return count, ((length - covered) // 2 if center else 0)
+
+
+def _check_size_stride(size: int, stride: int | None) -> int:
+    if int(size) != size or size < 1:
+        raise ConfigError(f"tile size must be a positive integer, got {size!r}")
+    stride = size if stride is None else stride
+    if int(stride) != stride or stride < 1:
+        raise ConfigError(f"tile stride must be a positive integer, got {stride!r}")
+    return int(stride)
+
+
+def tile_positions(height: int, width: int, size: int, stride: int | None = None, center: bool = False) -> np.ndarray:
+    """Top-left (y, x) of every tile, row-major; ``center`` splits the uncovered border evenly instead of right/bottom.
+
+    The default (``center=False``, ``stride=size``) is the paper's grid: a 1080² site with size 224 gives 4×4 tiles
+    covering the top-left 896² pixels.
+    """
+    stride = _check_size_stride(size, stride)
+    ny, oy = _grid(int(height), int(size), stride, center, "height")
+    nx, ox = _grid(int(width), int(size), stride, center, "width")
+    ys = oy + stride * np.arange(ny, dtype=np.int64)
+    xs = ox + stride * np.arange(nx, dtype=np.int64)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([yy.ravel(), xx.ravel()], axis=1)
+
+
+def tile_batch(
+    x: torch.Tensor, size: int, stride: int | None = None, center: bool = False
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Tiles (B, n, C, size, size) of a (B,C,H,W) batch via one unfold, and their (n, 2) positions.
+
+    A single (C,H,W) site gives (n, C, size, size). The result is a new tensor; ``x`` is never written.
+    """
+    if x.ndim not in (3, 4):
+        raise DataError(f"tile_batch expects (C,H,W) or (B,C,H,W), got shape {tuple(x.shape)}")
+    single = x.ndim == 3
+    batch = x[None] if single else x
+    stride = _check_size_stride(size, stride)
+    height, width = batch.shape[-2:]
+    positions = tile_positions(height, width, size, stride, center)
+    ny = len(np.unique(positions[:, 0]))
+    nx = len(positions) // ny
+    oy, ox = (int(v) for v in positions[0])
+    region = batch[:, :, oy : oy + (ny - 1) * stride + size, ox : ox + (nx - 1) * stride + size]
+    windows = region.unfold(2, size, stride).unfold(3, size, stride)  # (B, C, ny, nx, size, size), a view
+    b, c = batch.shape[:2]
+    tiles = windows.permute(0, 2, 3, 1, 4, 5).reshape(b, ny * nx, c, size, size)
+    if tiles.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr():
+        tiles = tiles.clone()
+    return (tiles[0] if single else tiles), positions
+
+
+def tile_validity(
+    tiles: torch.Tensor,
+    otsu: torch.Tensor,
+    dna_index: int,
+    factor: float = DEFAULT_FACTOR,
+    min_fraction: float = DEFAULT_MIN_FRACTION,
+    keep_middle_if_none: bool = False,
+) -> torch.Tensor:
+    """Which tiles hold cells (B, n), by the paper's rule on the DNA channel, for all tiles at once.
+
+    ``otsu`` (B,) is in the tiles' units (raw uint16 by convention); NaN is refused, so compute missing thresholds
+    first (``data.cellmask.otsu_threshold_batch``). ``keep_middle_if_none`` reproduces the paper's inference rule:
+    a site with no valid tile keeps its middle tile (index n // 2).
+    """
+    if tiles.ndim != 5:
+        raise DataError(f"tile_validity expects tiles (B, n, C, s, s), got shape {tuple(tiles.shape)}")
+    n_channels = tiles.shape[2]
+    if not -n_channels <= dna_index < n_channels:
+        raise DataError(f"dna_index {dna_index} out of range for {n_channels} channels")
+    thresholds = torch.as_tensor(otsu, dtype=torch.float64, device=tiles.device).reshape(-1)
+    if thresholds.numel() != tiles.shape[0]:
+        raise DataError(f"{thresholds.numel()} Otsu thresholds for a batch of {tiles.shape[0]} sites")
+    if bool(torch.isnan(thresholds).any()):
+        raise DataError("NaN Otsu threshold: compute it from the site (data.cellmask.otsu_threshold_batch) first")
+    valid = has_cells(tiles[:, :, dna_index], thresholds[:, None], factor=factor, min_fraction=min_fraction)
+    if keep_middle_if_none and valid.shape[1] > 0:
+        empty = ~valid.any(dim=1)
+        valid[empty, valid.shape[1] // 2] = True
+    return valid

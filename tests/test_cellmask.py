@@ -1,0 +1,117 @@
+"""Cell-mask tests: Otsu against skimage, the 1 %-over-0.7xOtsu rule against loops, box fractions against slicing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.filters import threshold_otsu
+
+from data.cellmask import (
+    box_fractions,
+    cell_fraction,
+    has_cells,
+    integral_mask,
+    normalize_otsu,
+    otsu_threshold,
+    otsu_threshold_batch,
+)
+from utils.errors import DataError
+
+
+def _nuclei_image(rng: np.random.Generator, size: int = 64, n: int = 4) -> np.ndarray:
+    """A dim noisy background with a few bright discs, like a DNA channel."""
+    yy, xx = np.mgrid[:size, :size]
+    img = rng.normal(800, 60, (size, size))
+    for _ in range(n):
+        cy, cx = rng.integers(0, size, 2)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < rng.integers(9, 40)] += rng.normal(9000, 1500)
+    return np.clip(img, 0, 65535).astype(np.uint16)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_otsu_matches_skimage_within_one_bin(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    img = _nuclei_image(rng, size=48 + 8 * seed, n=2 + seed)
+    ref = threshold_otsu(img.astype(np.float64), nbins=256)
+    bin_width = (float(img.max()) - float(img.min())) / 256
+    assert abs(otsu_threshold(img, subsample=1) - ref) <= bin_width
+    assert abs(otsu_threshold(torch.from_numpy(img), subsample=1) - ref) <= bin_width
+
+
+def test_otsu_batch_matches_single_and_skimage() -> None:
+    rng = np.random.default_rng(5)
+    imgs = np.stack([_nuclei_image(rng, 40, n) for n in (1, 3, 6)])
+    imgs[1] = 1234  # a constant image returns its value, like skimage
+    batch = otsu_threshold_batch(torch.from_numpy(imgs), subsample=1)
+    assert batch.shape == (3,) and batch.dtype == torch.float64
+    for i in range(3):
+        ref = float(threshold_otsu(imgs[i].astype(np.float64), nbins=256))
+        width = max((float(imgs[i].max()) - float(imgs[i].min())) / 256, 1e-9)
+        assert abs(batch[i].item() - ref) <= width
+        assert batch[i].item() == pytest.approx(otsu_threshold(imgs[i], subsample=1))
+
+
+def test_otsu_subsampling_uses_strided_pixels() -> None:
+    rng = np.random.default_rng(7)
+    img = _nuclei_image(rng, 320, 20)
+    sub = img[::10, ::10].astype(np.float64)
+    width = (sub.max() - sub.min()) / 256
+    assert abs(otsu_threshold(img, subsample=10) - threshold_otsu(sub, nbins=256)) <= width
+    # too small for a 10x step: the step shrinks to keep 32 samples per side
+    small = img[:64, :64]
+    sub2 = small[::2, ::2].astype(np.float64)
+    assert abs(otsu_threshold(small, subsample=10) - threshold_otsu(sub2)) <= (sub2.max() - sub2.min()) / 256
+
+
+def test_cell_rule_matches_loop() -> None:
+    rng = np.random.default_rng(3)
+    tiles = rng.integers(0, 3000, (3, 4, 10, 10)).astype(np.uint16)
+    tiles[0, 0] = 0
+    tiles[0, 0, 0, 0] = 3000  # exactly 1 %: passes (>= 1 %)
+    tiles[0, 1] = 0
+    otsu = np.array([1000.0, 2000.0, 3500.0])
+    got_frac = cell_fraction(torch.from_numpy(tiles), torch.tensor(otsu)[:, None])
+    got = has_cells(torch.from_numpy(tiles), torch.tensor(otsu)[:, None])
+    assert got.shape == (3, 4) and got.dtype == torch.bool
+    for b in range(3):
+        for n in range(4):
+            frac = float(np.mean(tiles[b, n].astype(float) > 0.7 * otsu[b]))
+            assert got_frac[b, n].item() == pytest.approx(frac)
+            assert bool(got[b, n]) == (frac >= 0.01)
+    assert bool(got[0, 0]) and not bool(got[0, 1])
+    assert has_cells(torch.from_numpy(tiles), torch.tensor(otsu)[:, None], factor=0.0, min_fraction=0.0).all()
+
+
+def test_integral_box_fractions_match_brute_force() -> None:
+    rng = np.random.default_rng(11)
+    dna = _nuclei_image(rng, 37, 5)[:, :29]
+    otsu = otsu_threshold(dna, subsample=1)
+    integral = integral_mask(dna, otsu)
+    assert integral.shape == (38, 30)
+    n = 200
+    h = rng.integers(1, 38, n)
+    w = rng.integers(1, 30, n)
+    y = rng.integers(0, 38 - h)
+    x = rng.integers(0, 30 - w)
+    boxes = np.stack([y, x, h, w], 1)
+    got = box_fractions(integral, boxes)
+    for i in range(n):
+        region = dna[y[i] : y[i] + h[i], x[i] : x[i] + w[i]]
+        assert got[i] == pytest.approx(np.mean(region > 0.7 * otsu))
+    with pytest.raises(ValueError):
+        box_fractions(integral, np.array([[30, 0, 8, 4]]))
+
+
+def test_normalize_otsu_scales() -> None:
+    assert normalize_otsu(0.5) == pytest.approx(0.5 * 65535)
+    assert normalize_otsu(1.0) == pytest.approx(65535.0)
+    assert normalize_otsu(1234.0) == 1234.0
+    assert math.isnan(normalize_otsu(float("nan")))
+    np.testing.assert_allclose(normalize_otsu(np.array([0.1, 500.0])), [0.1 * 65535, 500.0])
+    t = normalize_otsu(torch.tensor([0.2, 800.0, float("nan")]))
+    assert t[0].item() == pytest.approx(0.2 * 65535) and t[1].item() == 800.0 and math.isnan(t[2].item())
+    with pytest.raises(DataError, match="-3"):
+        normalize_otsu(-3.0)
