@@ -1,1 +1,14 @@
 """ViT backbones, the three self-supervised methods, and checkpoint import/export."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    """``models.METHODS`` without importing every method whenever a submodule is imported."""
+    if name == "METHODS":
+        from models.registry import METHODS
+
+        return METHODS
+    raise AttributeError(f"module 'models' has no attribute {name!r}")
