@@ -1,0 +1,84 @@
+"""Run logging (TensorBoard, JSON-lines log.txt, hp.json) that only rank 0 performs, so ranks never race on files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from utils.fileio import write_json_atomic, write_text_atomic
+
+
+def _plain(value: Any) -> Any:
+    """Turn tensors and numpy scalars into JSON-friendly floats."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunLogger:
+    """TensorBoard scalars, a per-epoch JSON line in ``log.txt`` and ``hp.json``; silent on non-main ranks."""
+
+    def __init__(
+        self, out_dir: str | Path, is_main: bool, tensorboard: bool = True, tb_dir: str | Path | None = None
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.is_main = is_main
+        self._writer = None
+        if is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(tb_dir or self.out_dir / "tensorboard"))
+
+    @property
+    def log_path(self) -> Path:
+        """The JSON-lines file with one record per finished epoch."""
+        return self.out_dir / "log.txt"
+
+    def write_hparams(self, hparams: dict[str, Any]) -> None:
+        """Write the run's flags to ``hp.json`` (atomically)."""
+        if self.is_main:
+            write_json_atomic(self.out_dir / "hp.json", {k: _plain(v) for k, v in hparams.items()})
+
+    def scalars(self, step: int, values: dict[str, Any], prefix: str = "train/") -> None:
+        """Log scalars against the global optimizer step."""
+        if self._writer is None:
+            return
+        for key, value in values.items():
+            value = _plain(value)
+            if isinstance(value, (int, float)):
+                self._writer.add_scalar(prefix + key, value, step)
+
+    def truncate_epochs(self, first_epoch: int) -> None:
+        """Drop log lines of epochs that a resumed run will redo, so each epoch appears once."""
+        if not self.is_main or not self.log_path.exists():
+            return
+        kept = [line for line in self.log_path.read_text().splitlines() if line.strip()]
+        kept = [line for line in kept if json.loads(line).get("epoch", -1) < first_epoch]
+        write_text_atomic(self.log_path, "".join(line + "\n" for line in kept))
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        """Append one JSON line for a finished epoch (rewritten atomically) and flush TensorBoard."""
+        if not self.is_main:
+            return
+        previous = self.log_path.read_text() if self.log_path.exists() else ""
+        line = json.dumps({k: _plain(v) for k, v in record.items()}, sort_keys=False)
+        write_text_atomic(self.log_path, previous + line + "\n")
+        if self._writer is not None:
+            epoch = int(record.get("epoch", 0))
+            for key, value in record.items():
+                value = _plain(value)
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self._writer.add_scalar("epoch/" + key, value, epoch)
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,337 @@
+"""Parsers for the three training scripts: the paper's flags, our additions, and clear errors for dead flags."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data.schema import DEFAULT_CHANNELS
+from utils.cli import bool_flag
+from utils.errors import ConfigError
+
+
+class _Unsupported(argparse.Action):
+    """A paper flag we do not implement: using it fails with a message that says what to use instead."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, advice: str = "", **kwargs: Any) -> None:
+        self.advice = advice
+        kwargs.setdefault("nargs", "?")
+        kwargs.setdefault("default", None)
+        kwargs.setdefault("help", f"not supported: {advice}")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+        raise ConfigError(f"{option} is not supported: {self.advice}")
+
+
+def _unsupported(parser: argparse.ArgumentParser, flag: str, advice: str, **kwargs: Any) -> None:
+    parser.add_argument(flag, action=_Unsupported, advice=advice, **kwargs)
+
+
+def _scale(values: list[float]) -> tuple[float, float]:
+    """Accept one float (a lower bound, upper 1.0) or two floats for a crop-area scale range."""
+    if len(values) not in (1, 2):
+        raise ConfigError(f"a crop scale takes one or two floats (LOW [HIGH]), got {values}")
+    if len(values) == 1:
+        values = [values[0], 1.0]
+    low, high = values
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"crop scale {values} must satisfy 0 < low <= high <= 1")
+    return float(low), float(high)
+
+
+def add_common(parser: argparse.ArgumentParser, *, path_df: str, seed: int, output_dir: str | None) -> None:
+    """Options shared by all three methods (data, launch, precision, speed)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--path_df", default=path_df, help="dataset CSV, one row per site (paper or JUMP columns)")
+    data.add_argument("--image_root", default=None, help="folder that relative image paths in --path_df are under")
+    data.add_argument("--channels", nargs="+", default=list(DEFAULT_CHANNELS), help="channel names, in file order")
+    data.add_argument(
+        "--intensity", default=None, help="intensity normalisation: a preset name (paper_train, paper_multisource, "
+        "paper_default) or a stats.json; stored in the checkpoint (default: the constants the paper trained with)"
+    )
+    data.add_argument("--num_workers", type=int, default=6, help="DataLoader workers per process")
+    _unsupported(data, "--data_path", "the paper never read it; give the dataset CSV with --path_df (and --image_root)")
+    run = parser.add_argument_group("run")
+    if output_dir is not None:
+        run.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, hp.json and TensorBoard")
+    run.add_argument("--seed", type=int, default=seed)
+    run.add_argument("--resume", default="", help="checkpoint to resume from (default: OUTPUT/checkpoint.pth if any)")
+    run.add_argument("--no_auto_resume", action="store_true", help="start fresh even if OUTPUT/checkpoint.pth exists")
+    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    run.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                     help="autocast dtype (default bf16 on GPU, fp32 on CPU); fp16 uses a GradScaler")
+    run.add_argument("--compile", action="store_true", help="torch.compile the backbones")
+    run.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap iterations per epoch (tests, demos)")
+    run.add_argument("--log_every", type=int, default=10, help="TensorBoard scalars every N optimizer steps")
+    run.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
+                     help="set by the deprecated torch.distributed.launch; torchrun uses LOCAL_RANK")
+    run.add_argument("--dist_url", default="env://", help="only env:// (torchrun, launch, SLURM + MASTER_ADDR)")
+
+
+def dino_parser() -> argparse.ArgumentParser:
+    """The paper's train_dino.py flags (defaults from its code) plus our common options."""
+    p = argparse.ArgumentParser("train_dino.py", description="DINO self-supervised training on Cell Painting sites.")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", default="vit_small", help="backbone name from models.backbones.ARCHS")
+    m.add_argument("--patch_size", type=int, default=None, help="default: the --arch name's (16 for vit_small)")
+    m.add_argument("--out_dim", type=int, default=20000)
+    m.add_argument("--norm_last_layer", type=bool_flag, default=True)
+    m.add_argument("--momentum_teacher", type=float, default=0.996)
+    m.add_argument("--use_bn_in_head", type=bool_flag, default=False)
+    m.add_argument("--train_hp", type=bool_flag, default=False,
+                   help="unsupported (the paper's PosPairData was never written); leave false")
+    m.add_argument("--warmup_teacher_temp", type=float, default=0.02)
+    m.add_argument("--teacher_temp", type=float, default=0.04)
+    m.add_argument("--warmup_teacher_temp_epochs", type=int, default=20)
+    m.add_argument("--loss", default="dino", choices=("dino", "mi"), help="only dino is implemented")
+    m.add_argument("--drop_path_rate", type=float, default=0.1)
+    m.add_argument("--head_hidden_dim", type=int, default=2048, help="DINO head MLP width")
+    m.add_argument("--head_bottleneck_dim", type=int, default=256, help="DINO head bottleneck before the last layer")
+    t = p.add_argument_group("training")
+    t.add_argument("--same_perturbations", type=bool_flag, default=False, help="unsupported; leave false")
+    t.add_argument("--use_annot_prob", type=float, default=None, help="only used by --same_perturbations (unsupported)")
+    t.add_argument("--use_fp16", type=bool_flag, default=None, help="true = --precision fp16 with a GradScaler")
+    t.add_argument("--weight_decay", type=float, default=0.04)
+    t.add_argument("--weight_decay_end", type=float, default=0.4)
+    t.add_argument("--clip_grad", type=float, default=3.0, help="per-parameter-tensor gradient norm clip; 0 = off")
+    t.add_argument("--batch_size_per_gpu", type=int, default=64)
+    t.add_argument("--epochs", type=int, default=200)
+    t.add_argument("--freeze_last_layer", type=int, default=3)
+    t.add_argument("--lr", type=float, default=0.004, help="peak lr at a total batch of 256 (scaled linearly)")
+    t.add_argument("--warmup_epochs", type=int, default=20)
+    t.add_argument("--min_lr", type=float, default=1e-6)
+    t.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "lars"))
+    c = p.add_argument_group("crops")
+    c.add_argument("--global_crops_scale", type=float, nargs="+", default=None,
+                   help="area fraction of the site (e.g. 0.2 0.4) for resized global crops; default: native crops")
+    c.add_argument("--local_crops_number", type=int, default=8)
+    c.add_argument("--local_crops_scale", type=float, nargs="+", default=None,
+                   help="area fraction of the site for resized local crops; default: native crops")
+    c.add_argument("--global_crops_size", type=int, default=224)
+    c.add_argument("--local_crops_size", type=int, default=96)
+    add_common(p, path_df="data/JUMP_trainset.csv", seed=0, output_dir=".")
+    p.add_argument("--saveckp_freq", type=int, default=10, help="also keep checkpoint{epoch:04}.pth every N epochs")
+    return p
+
+
+def mae_parser() -> argparse.ArgumentParser:
+    """The paper's train_mae.py flags (defaults from its code) plus our common options."""
+    p = argparse.ArgumentParser("train_mae.py", description="MAE self-supervised training on Cell Painting sites.")
+    p.add_argument("--batch_size", type=int, default=64, help="images per GPU (each gives --samples_per_image views)")
+    p.add_argument("--epochs", type=int, default=500)
+    p.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--samples_per_image", type=int, default=1)
+    p.add_argument("--model", default="mae_vit_small", help="mae_vit_small, mae_vit_base_patch16, ...")
+    p.add_argument("--input_size", type=int, default=224, help="crop size of each view")
+    p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument("--norm_pix_loss", action="store_true")
+    p.add_argument("--decoder_embed_dim", type=int, default=None, help="default: the paper's for the encoder width")
+    p.add_argument("--decoder_depth", type=int, default=None)
+    p.add_argument("--decoder_num_heads", type=int, default=None)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
+    p.add_argument("--blr", type=float, default=1e-3, help="base lr at an effective batch of 256")
+    p.add_argument("--min_lr", type=float, default=0.0)
+    p.add_argument("--warmup_epochs", type=int, default=40)
+    p.add_argument("--clip_grad", type=float, default=0.0, help="global gradient norm clip; 0 = off (the paper)")
+    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: OUTPUT/tensorboard)")
+    p.add_argument("--start_epoch", type=int, default=0, help="first epoch when not resuming")
+    p.add_argument("--pin_mem", action="store_true", default=True)
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    p.add_argument("--world_size", type=int, default=None, help="checked against the launcher's world size")
+    _unsupported(p, "--dist_on_itp", "launch with torchrun or SLURM instead of OpenMPI/ITP", nargs=0)
+    add_common(p, path_df="data/JUMP_trainset.csv", seed=0, output_dir="./output_dir")
+    p.add_argument("--saveckp_freq", type=int, default=20, help="also keep checkpoint-{epoch:04}.pth every N epochs")
+    return p
+
+
+def simclr_parser() -> argparse.ArgumentParser:
+    """The paper's train_simclr.py flags (defaults from its code) plus our common options."""
+    p = argparse.ArgumentParser("train_simclr.py", description="SimCLR self-supervised training on Cell Painting.")
+    p.add_argument("--arch", default="vit_small_patch16_224", help="backbone name from models.backbones.ARCHS")
+    p.add_argument("--gpus", type=int, nargs="*", default=[0, 1],
+                   help="GPU ids; without a launcher, one process per id is spawned (ignored on CPU)")
+    p.add_argument("--batch_size", type=int, default=256, help="GLOBAL batch, divided by the number of processes")
+    p.add_argument("--max_epochs", type=int, default=200)
+    p.add_argument("--ckpt_path", required=True, help="output folder for checkpoints and logs")
+    p.add_argument("--every_n_epochs", type=int, default=10, help="keep checkpoint{epoch:04}.pth every N epochs")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--wd", type=float, default=0.1)
+    p.add_argument("--hidden_dim", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--size", type=int, default=224, help="crop size")
+    p.add_argument("--scale", type=float, nargs="+", default=None,
+                   help="random resized crop area fraction: LOW or LOW HIGH (default: native crops)")
+    p.add_argument("--warmup_epochs", type=int, default=30)
+    p.add_argument("--min_lr", type=float, default=1e-6, help="warm-up start and final lr")
+    p.add_argument("--clip_grad", type=float, default=3.0, help="global gradient norm clip; 0 = off")
+    p.add_argument("--drop_path_rate", type=float, default=0.0)
+    add_common(p, path_df="SSL_data/dataload/dataset.csv", seed=42, output_dir=None)
+    return p
+
+
+PARSERS = {"dino": dino_parser, "mae": mae_parser, "simclr": simclr_parser}
+
+
+def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a script's flags and reject combinations that cannot work, with a message naming the fix."""
+    args = PARSERS[method]().parse_args(argv)
+    check_args(method, args)
+    return args
+
+
+def check_args(method: str, args: argparse.Namespace) -> None:
+    """Flag values the parser cannot check alone."""
+    if args.dist_url != "env://":
+        raise ConfigError(f"--dist_url {args.dist_url} is not supported: launch with torchrun (env://)")
+    if method == "dino":
+        if args.train_hp:
+            raise ConfigError("--train_hp true is not supported (the paper's PosPairData never existed): drop the flag")
+        if args.same_perturbations:
+            raise ConfigError("--same_perturbations true is not supported: drop the flag")
+        if args.use_annot_prob is not None:
+            raise ConfigError("--use_annot_prob only applies to --same_perturbations, which is not supported")
+        if args.loss != "dino":
+            raise ConfigError("--loss mi is not implemented: use --loss dino")
+        if args.optimizer == "lars":
+            raise ConfigError("--optimizer lars is not supported: use --optimizer adamw (the paper's) or sgd")
+        for flag in ("global_crops_scale", "local_crops_scale"):
+            if getattr(args, flag) is not None:
+                setattr(args, flag, _scale(getattr(args, flag)))
+        if args.use_fp16 and args.precision not in (None, "fp16"):
+            raise ConfigError(f"--use_fp16 true conflicts with --precision {args.precision}: give only one")
+    if method == "simclr" and args.scale is not None:
+        args.scale = _scale(args.scale)
+    for name in ("epochs", "max_epochs", "batch_size", "batch_size_per_gpu", "accum_iter", "samples_per_image",
+                 "max_steps_per_epoch", "log_every"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
+    if not args.channels or len(set(args.channels)) != len(args.channels):
+        raise ConfigError(f"--channels must be distinct names, got {args.channels}")
+
+
+@dataclass
+class RunConfig:
+    """One method-independent description of a run, resolved from a script's paper-named flags."""
+
+    method: str
+    arch: str
+    output_dir: Path
+    epochs: int
+    batch_per_gpu: int
+    accum_iter: int
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    warmup_start_lr: float
+    weight_decay: float
+    weight_decay_end: float
+    clip_grad: float
+    clip_mode: str
+    betas: tuple[float, float]
+    optimizer: str
+    ckpt_every: int
+    ckpt_pattern: str
+    recipe: str
+    recipe_overrides: dict[str, Any]
+    intensity: str
+    model_args: dict[str, Any]
+    momentum_teacher: float | None = None
+    teacher_temp: tuple[float, float, int] | None = None
+    tb_dir: Path | None = None
+    start_epoch: int = 0
+    pin_mem: bool = True
+    precision: str | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+
+def plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as a dict of plain types, so checkpoints load with ``torch.load(weights_only=True)``."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        return str(value)
+
+    return {key: plain(value) for key, value in vars(args).items()}
+
+
+def _dino_config(args: argparse.Namespace, world_size: int) -> RunConfig:
+    overrides = {
+        "global_crops_size": args.global_crops_size,
+        "local_crops_size": args.local_crops_size,
+        "local_crops_number": args.local_crops_number,
+        "global_crops_scale": args.global_crops_scale,
+        "local_crops_scale": args.local_crops_scale,
+    }
+    precision = "fp16" if args.use_fp16 else args.precision
+    return RunConfig(
+        method="dino", arch=args.arch, output_dir=Path(args.output_dir), epochs=args.epochs,
+        batch_per_gpu=args.batch_size_per_gpu, accum_iter=1,
+        lr=args.lr * args.batch_size_per_gpu * world_size / 256.0, min_lr=args.min_lr,
+        warmup_epochs=args.warmup_epochs, warmup_start_lr=0.0,
+        weight_decay=args.weight_decay, weight_decay_end=args.weight_decay_end,
+        clip_grad=args.clip_grad, clip_mode="per_tensor", betas=(0.9, 0.999), optimizer=args.optimizer,
+        ckpt_every=args.saveckp_freq, ckpt_pattern="checkpoint{epoch:04}.pth",
+        recipe="dino", recipe_overrides=overrides, intensity=args.intensity or "paper_train",
+        model_args=plain_args(args), momentum_teacher=args.momentum_teacher,
+        teacher_temp=(args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs),
+        precision=precision,
+    )
+
+
+def _mae_config(args: argparse.Namespace, world_size: int) -> RunConfig:
+    if args.world_size is not None and args.world_size != world_size:
+        raise ConfigError(
+            f"--world_size {args.world_size} but the launcher started {world_size} process(es): "
+            f"use --nproc_per_node/--nnodes to match, or drop --world_size"
+        )
+    eff_batch = args.batch_size * args.accum_iter * world_size * args.samples_per_image
+    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256.0
+    model_args = plain_args(args) | {"arch": args.model}
+    return RunConfig(
+        method="mae", arch=args.model, output_dir=Path(args.output_dir), epochs=args.epochs,
+        batch_per_gpu=args.batch_size, accum_iter=args.accum_iter, lr=lr, min_lr=args.min_lr,
+        warmup_epochs=args.warmup_epochs, warmup_start_lr=0.0,
+        weight_decay=args.weight_decay, weight_decay_end=args.weight_decay,
+        clip_grad=args.clip_grad, clip_mode="global", betas=(0.9, 0.95), optimizer="adamw",
+        ckpt_every=args.saveckp_freq, ckpt_pattern="checkpoint-{epoch:04}.pth",
+        recipe="mae", recipe_overrides={"samples_per_image": args.samples_per_image, "size": args.input_size},
+        intensity=args.intensity or "paper_multisource", model_args=model_args,
+        tb_dir=Path(args.log_dir) if args.log_dir else None, start_epoch=args.start_epoch, pin_mem=args.pin_mem,
+        precision=args.precision,
+    )
+
+
+def _simclr_config(args: argparse.Namespace, world_size: int) -> RunConfig:
+    per_gpu = args.batch_size // world_size
+    if per_gpu < 1:
+        raise ConfigError(f"--batch_size {args.batch_size} is global and smaller than the {world_size} processes")
+    return RunConfig(
+        method="simclr", arch=args.arch, output_dir=Path(args.ckpt_path), epochs=args.max_epochs,
+        batch_per_gpu=per_gpu, accum_iter=1, lr=args.lr, min_lr=args.min_lr,
+        warmup_epochs=args.warmup_epochs, warmup_start_lr=args.min_lr,
+        weight_decay=args.wd, weight_decay_end=args.wd,
+        clip_grad=args.clip_grad, clip_mode="global", betas=(0.9, 0.999), optimizer="adamw",
+        ckpt_every=args.every_n_epochs, ckpt_pattern="checkpoint{epoch:04}.pth",
+        recipe="simclr", recipe_overrides={"size": args.size, "scale": args.scale},
+        intensity=args.intensity or "paper_train", model_args=plain_args(args), precision=args.precision,
+    )
+
+
+RESOLVERS = {"dino": _dino_config, "mae": _mae_config, "simclr": _simclr_config}
+
+
+def resolve_config(method: str, args: argparse.Namespace, world_size: int) -> RunConfig:
+    """Map a script's flags onto a RunConfig, scaling the lr by the real world size."""
+    cfg = RESOLVERS[method](args, world_size)
+    cfg.hparams = plain_args(args) | {"world_size": world_size, "lr_absolute": cfg.lr,
+                                      "batch_per_gpu": cfg.batch_per_gpu}
+    return cfg
