@@ -42,3 +42,17 @@ def test_ci_calls_make_test() -> None:
 def test_readme_starts_with_the_two_commands() -> None:
     head = (ROOT / "README.md").read_text().split("\n## ", 1)[0]
     assert "make demo" in head and "make test" in head
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
+    import os
+
+    from utils.fileio import write_text_atomic
+
+    target = tmp_path / "out.txt"
+    write_text_atomic(target, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.read_text() == "x"
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

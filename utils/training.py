@@ -223,11 +223,10 @@ def checkpoint_state(
     """Everything needed to resume exactly and to embed later, in plain types (weights_only loadable)."""
     from models.checkpoints import make_checkpoint
 
-    ckpt = make_checkpoint(
+    return make_checkpoint(
         cfg.method, model, arch=cfg.arch, args=plain_args(args), intensity=norm, channels=list(args.channels),
         epoch=epoch, step=step, optimizer=optimizer, scaler=scaler,
     )
-    return ckpt
 
 
 def restore(
