@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from models.base import SSLMethod
 from utils.errors import ConfigError
 
 if TYPE_CHECKING:  # timm is imported only when a model is built, so DINOLoss users (and spawned tests) start fast
@@ -161,7 +162,7 @@ def _resolution_groups(views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [g[0] if len(g) == 1 else torch.cat(g) for g in groups]
 
 
-class DINO(nn.Module):
+class DINO(SSLMethod):
     """Student (``backbone`` + ``head``) trained to match an EMA ``teacher`` that sees only the global views."""
 
     def __init__(
@@ -271,16 +272,3 @@ class DINO(nn.Module):
         if int(state.get("epoch", 0)) < self.freeze_last_layer:
             for p in self.head.last_layer.parameters():
                 p.grad = None
-
-    def head_state_dict(self) -> dict[str, torch.Tensor]:
-        """Student head, teacher (backbone and head) and the loss centre: everything but ``backbone``."""
-        from models.checkpoints import head_state
-
-        return head_state(self)
-
-    def load_head_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Restore what ``head_state_dict`` saved (strict)."""
-        from models.checkpoints import load_head_state
-
-        load_head_state(self, state_dict)
-

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from models.backbones import backbone_img_size, backbone_patch_size, create_backbone
-from models.checkpoints import head_state, load_head_state
+from models.base import SSLMethod
 from utils.errors import CheckpointError, ConfigError
 from utils.seeding import sample_seed
 
@@ -76,7 +76,7 @@ def random_masking(
     return ids_shuffle[:, :len_keep], torch.gather(mask, 1, ids_restore), ids_restore
 
 
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(SSLMethod):
     """Encoder on the visible patches, decoder reconstructs every patch; loss on the masked ones only."""
 
     def __init__(
@@ -219,20 +219,6 @@ class MaskedAutoencoder(nn.Module):
             total = total + self.loss(imgs, pred, mask) * imgs.shape[0]
             count += imgs.shape[0]
         return total / count, {"mask_ratio": self.mask_ratio}
-
-    def after_step(self, state: dict[str, Any]) -> None:
-        """Nothing to update outside the optimizer."""
-
-    def before_optimizer_step(self, state: dict[str, Any]) -> None:
-        """No gradient surgery for MAE."""
-
-    def head_state_dict(self) -> dict[str, torch.Tensor]:
-        """The decoder (everything but ``backbone``)."""
-        return head_state(self)
-
-    def load_head_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Restore what ``head_state_dict`` saved (strict)."""
-        load_head_state(self, state_dict)
 
     def paper_state_dict(self) -> dict[str, torch.Tensor]:
         """The paper's flat ``model`` layout: encoder keys without the ``backbone.`` prefix, decoder keys as is."""

@@ -9,31 +9,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from models.base import SSLMethod
+from utils.distributed import all_gather_with_grad, is_distributed
 from utils.errors import ConfigError
 
 if TYPE_CHECKING:  # timm is imported only when a model is built, so nt_xent workers start fast
     from timm.models.vision_transformer import VisionTransformer
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums the gradient from every rank and keeps this rank's slice."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2, gather: bool = True) -> torch.Tensor:
@@ -47,8 +28,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2, gather
     with torch.autocast(z1.device.type, enabled=False):
         q1, q2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
         n_local = q1.shape[0]
-        if gather and _distributed():
-            k1, k2 = _GatherWithGrad.apply(q1), _GatherWithGrad.apply(q2)
+        if gather and is_distributed():
+            k1, k2 = all_gather_with_grad(q1), all_gather_with_grad(q2)
             offset = dist.get_rank() * n_local
         else:
             k1, k2, offset = q1, q2, 0
@@ -64,7 +45,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2, gather
         return F.cross_entropy(logits, pos_idx)
 
 
-class SimCLR(nn.Module):
+class SimCLR(SSLMethod):
     """Backbone CLS -> projection MLP -> NT-Xent between the two views of each sample."""
 
     def __init__(self, backbone: VisionTransformer, hidden_dim: int = 128, temperature: float = 0.2) -> None:
@@ -102,21 +83,3 @@ class SimCLR(nn.Module):
         z = self.mlp(self.backbone(x))
         z1, z2 = z.chunk(2)
         return nt_xent(z1, z2, self.temperature, gather=True), {}
-
-    def after_step(self, state: dict[str, Any]) -> None:
-        """Nothing to update outside the optimizer."""
-
-    def before_optimizer_step(self, state: dict[str, Any]) -> None:
-        """No gradient surgery for SimCLR."""
-
-    def head_state_dict(self) -> dict[str, torch.Tensor]:
-        """The projection MLP (everything but ``backbone``)."""
-        from models.checkpoints import head_state
-
-        return head_state(self)
-
-    def load_head_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Restore what ``head_state_dict`` saved (strict)."""
-        from models.checkpoints import load_head_state
-
-        load_head_state(self, state_dict)
