@@ -180,3 +180,6 @@ def test_two_process_gloo_run_keeps_ranks_identical(method, launcher, plate, tmp
     ckpt = _load(out / "checkpoint.pth")
     assert ckpt["epoch"] == 1 and json.loads((out / "hp.json").read_text())["world_size"] == 2
     assert "done:" in proc.stdout
+    if method == "simclr":  # validation on by default: gathered across both ranks, logged once by rank 0
+        record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+        assert {"val_loss", "val_acc_top1", "val_acc_top5", "val_acc_mean_pos", "train_acc_top1"} <= set(record)

@@ -12,6 +12,8 @@ from data.schema import DEFAULT_CHANNELS
 from utils.cli import bool_flag
 from utils.errors import ConfigError
 
+VAL_GROUPS = ("well", "plate")
+
 
 class _Unsupported(argparse.Action):
     """A paper flag we do not implement: using it fails with a message that says what to use instead."""
@@ -43,8 +45,10 @@ def _scale(values: list[float]) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def add_common(parser: argparse.ArgumentParser, *, path_df: str, seed: int, output_dir: str | None) -> None:
-    """Options shared by all three methods (data, launch, precision, speed)."""
+def add_common(
+    parser: argparse.ArgumentParser, *, path_df: str, seed: int, output_dir: str | None, val_fraction: float = 0.0
+) -> None:
+    """Options shared by all three methods (data, validation, launch, precision, speed)."""
     data = parser.add_argument_group("data")
     data.add_argument("--path_df", default=path_df, help="dataset CSV, one row per site (paper or JUMP columns)")
     data.add_argument("--image_root", default=None, help="folder that relative image paths in --path_df are under")
@@ -55,6 +59,13 @@ def add_common(parser: argparse.ArgumentParser, *, path_df: str, seed: int, outp
     )
     data.add_argument("--num_workers", type=int, default=6, help="DataLoader workers per process")
     _unsupported(data, "--data_path", "the paper never read it; give the dataset CSV with --path_df (and --image_root)")
+    val = parser.add_argument_group("validation")
+    val.add_argument("--val_fraction", type=float, default=val_fraction,
+                     help=f"fraction of sites held out for validation, whole groups at a time; 0 = no validation "
+                     f"(default {val_fraction:g})")
+    val.add_argument("--val_group", choices=tuple(VAL_GROUPS), default="well",
+                     help="hold out whole wells (plate + well) or whole plates (default well)")
+    val.add_argument("--val_every", type=int, default=1, help="validate every N epochs and after the last one")
     run = parser.add_argument_group("run")
     if output_dir is not None:
         run.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, hp.json and TensorBoard")
@@ -153,8 +164,9 @@ def simclr_parser() -> argparse.ArgumentParser:
     """The paper's train_simclr.py flags (defaults from its code) plus our common options."""
     p = argparse.ArgumentParser("train_simclr.py", description="SimCLR self-supervised training on Cell Painting.")
     p.add_argument("--arch", default="vit_small_patch16_224", help="backbone name from models.backbones.ARCHS")
-    p.add_argument("--gpus", type=int, nargs="*", default=[0, 1],
-                   help="GPU ids; without a launcher, one process per id is spawned (ignored on CPU)")
+    p.add_argument("--gpus", type=int, nargs="*", default=None,
+                   help="GPU ids; without a launcher, one process per id is spawned (default: every visible GPU; "
+                        "ignored on CPU)")
     p.add_argument("--batch_size", type=int, default=256, help="GLOBAL batch, divided by the number of processes")
     p.add_argument("--max_epochs", type=int, default=200)
     p.add_argument("--ckpt_path", required=True, help="output folder for checkpoints and logs")
@@ -170,7 +182,7 @@ def simclr_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_lr", type=float, default=1e-6, help="warm-up start and final lr")
     p.add_argument("--clip_grad", type=float, default=3.0, help="global gradient norm clip; 0 = off")
     p.add_argument("--drop_path_rate", type=float, default=0.0)
-    add_common(p, path_df="SSL_data/dataload/dataset.csv", seed=42, output_dir=None)
+    add_common(p, path_df="SSL_data/dataload/dataset.csv", seed=42, output_dir=None, val_fraction=0.2)
     return p
 
 
@@ -211,6 +223,10 @@ def check_args(method: str, args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{name} must be >= 1, got {value}")
+    if not 0 <= args.val_fraction < 1:
+        raise ConfigError(f"--val_fraction must be in [0, 1), got {args.val_fraction} (0 disables validation)")
+    if args.val_every < 1:
+        raise ConfigError(f"--val_every must be >= 1, got {args.val_every}")
     if not args.channels or len(set(args.channels)) != len(args.channels):
         raise ConfigError(f"--channels must be distinct names, got {args.channels}")
 

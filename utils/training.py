@@ -170,17 +170,29 @@ class EpochKeySampler(torch.utils.data.Sampler):
         return len(self.sampler)
 
 
-def build_loader(
-    cfg: RunConfig, args: argparse.Namespace, info: distributed.DistInfo
-) -> tuple[DataLoader, Any, DistributedSampler, Any]:
-    """Site table -> crop dataset -> DataLoader with a DistributedSampler (shuffled per epoch, drop_last)."""
-    from data.augment import get_recipe
-    from data.datasets import TrainCropDataset, collate_views, seed_worker
+def load_table(args: argparse.Namespace) -> Any:
+    """The validated site table of ``--path_df``."""
     from data.schema import TRAIN_REQUIRED, load_site_table
 
-    table = load_site_table(args.path_df, image_root=args.image_root, channels=tuple(args.channels),
-                            required=TRAIN_REQUIRED)
-    recipe = get_recipe(cfg.recipe, **{k: v for k, v in cfg.recipe_overrides.items() if v is not None})
+    return load_site_table(args.path_df, image_root=args.image_root, channels=tuple(args.channels),
+                           required=TRAIN_REQUIRED)
+
+
+def build_recipe(cfg: RunConfig) -> Any:
+    """The method's view recipe with the flags' overrides."""
+    from data.augment import get_recipe
+
+    return get_recipe(cfg.recipe, **{k: v for k, v in cfg.recipe_overrides.items() if v is not None})
+
+
+def build_loader(
+    cfg: RunConfig, args: argparse.Namespace, info: distributed.DistInfo, table: Any = None
+) -> tuple[DataLoader, Any, DistributedSampler, Any]:
+    """Site table (default: all of --path_df) -> crop dataset -> DataLoader with a shuffling DistributedSampler."""
+    from data.datasets import TrainCropDataset, collate_views, seed_worker
+
+    table = load_table(args) if table is None else table
+    recipe = build_recipe(cfg)
     dataset = TrainCropDataset(table, recipe, channels=tuple(args.channels), seed=args.seed)
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
@@ -193,7 +205,7 @@ def build_loader(
     )
     if len(loader) == 0:
         raise ConfigError(
-            f"{args.path_df}: {len(dataset)} sites give no full batch of {cfg.batch_per_gpu} per process on "
+            f"{args.path_df}: {len(dataset)} training sites give no full batch of {cfg.batch_per_gpu} per process on "
             f"{info.world_size} process(es): lower the batch size or add sites"
         )
     return loader, dataset, sampler, recipe
@@ -308,11 +320,11 @@ def _host(values: dict[str, Any]) -> dict[str, float]:
 
 def train(method: str, args: argparse.Namespace) -> Path:
     """Train one method end to end; SimCLR's ``--gpus`` (without a launcher) spawns one process per GPU id."""
-    gpus = getattr(args, "gpus", None)
     launcher, *_ = distributed.detect_launcher(args.local_rank)
-    if not (gpus and launcher == "single" and torch.cuda.is_available()):
+    if not (hasattr(args, "gpus") and launcher == "single" and torch.cuda.is_available()):
         return _train_process(method, args, None)  # a launcher (or the CPU) decides the devices
     visible = torch.cuda.device_count()
+    gpus = args.gpus or list(range(visible))  # the paper's default [0, 1] failed on one-GPU machines
     if any(not 0 <= g < visible for g in gpus):
         ids = " ".join(map(str, gpus))
         raise ConfigError(f"--gpus {ids}: only {visible} GPU(s) visible (ids 0..{visible - 1})")
@@ -328,9 +340,10 @@ class Stepper:
     def __init__(
         self, cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
         precision: str, info: distributed.DistInfo, seed: int, pipeline: ViewPipeline | None = None,
+        tap: Any = None,
     ) -> None:
         self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
-        self.precision, self.info, self.seed, self.pipeline = precision, info, seed, pipeline
+        self.precision, self.info, self.seed, self.pipeline, self.tap = precision, info, seed, pipeline, tap
         self.device = info.device
         self.ddp = model
         if info.distributed:
@@ -362,6 +375,8 @@ class Stepper:
             self.scaler.scale(loss / accum).backward()
         if not sync:
             return None
+        if self.tap is not None:  # e.g. SimCLR's top-1/top-5/mean-position of the positive, from the forward
+            logs = {**logs, **self.tap.metrics()}
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradients(self.trainable, self.cfg.clip_grad, self.cfg.clip_mode)
         self.model.before_optimizer_step(state)
@@ -396,6 +411,7 @@ class _Run:
     logger: RunLogger
     iters: int
     steps_per_epoch: int
+    validator: Any = None
 
 
 def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> Path:
@@ -406,7 +422,15 @@ def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> P
         torch.set_float32_matmul_precision("high")
     precision = resolve_precision(cfg.precision, device)
     norm = load_intensity_norm(cfg, list(args.channels))
-    loader, dataset, sampler, recipe = build_loader(cfg, args, info)
+    table = load_table(args)
+    split = None
+    if args.val_fraction > 0:
+        from utils.validation import split_sites
+
+        split = split_sites(table, args.val_fraction, args.val_group, args.seed)
+        table, val_table = table.iloc[split.train], table.iloc[split.val]
+    loader, dataset, sampler, recipe = build_loader(cfg, args, info, table)
+    validator = None if split is None else build_validator(method, cfg, args, info, val_table, recipe)
     iters = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
     steps_per_epoch = iters // cfg.accum_iter
     if steps_per_epoch < 1:
@@ -423,13 +447,23 @@ def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> P
         from models.checkpoints import load_checkpoint
 
         start_epoch, _ = restore(load_checkpoint(resume_path), cfg, model, optimizer, scaler, resume_path)
-    stepper = Stepper(cfg, model, optimizer, scaler, precision, info, args.seed, ViewPipeline(recipe, norm, device))
+    from utils.validation import METRIC_TAPS
+
+    tap = METRIC_TAPS[method](model) if method in METRIC_TAPS else None
+    stepper = Stepper(cfg, model, optimizer, scaler, precision, info, args.seed, ViewPipeline(recipe, norm, device),
+                      tap)
     logger = RunLogger(cfg.output_dir, info.is_main, tb_dir=cfg.tb_dir)
+    split_info = {} if split is None else {k: v for k, v in split.summary.items() if k != "val_group_keys"}
     logger.write_hparams(cfg.hparams | {"precision": precision, "iters_per_epoch": iters, "recipe": recipe.to_dict(),
-                                        "resumed_from": str(resume_path) if resume_path else None})
+                                        "resumed_from": str(resume_path) if resume_path else None,
+                                        "validation": split_info or None})
+    if split is not None and info.is_main:
+        write_json_atomic(cfg.output_dir / "val_split.json", split.summary)
     logger.truncate_epochs(start_epoch)
     if info.is_main:
-        print(f"{method}: {len(dataset)} sites, {info.world_size} process(es) on {device.type}, "
+        held_out = "" if split is None else (f" (+{split.summary['val_sites']} validation sites in "
+                                             f"{split.summary['val_groups']} {args.val_group}s)")
+        print(f"{method}: {len(dataset)} sites{held_out}, {info.world_size} process(es) on {device.type}, "
               f"{cfg.batch_per_gpu}/process x {cfg.accum_iter} accum, {iters} iters/epoch, lr {cfg.lr:.3g}, "
               f"{precision}, epochs {start_epoch}->{cfg.epochs}"
               + (f", resumed from {resume_path}" if resume_path else ""))
@@ -437,10 +471,12 @@ def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> P
             print(f"note: --gpus {' '.join(map(str, args.gpus))} ignored: no CUDA device, training on the CPU")
 
     run = _Run(method, cfg, args, info, loader, sampler, dataset, stepper, build_schedules(cfg, steps_per_epoch),
-               logger, iters, steps_per_epoch)
+               logger, iters, steps_per_epoch, validator)
     t_run, last = time.perf_counter(), {}
     for epoch in range(start_epoch, cfg.epochs):
         last = train_one_epoch(run, epoch)
+        if validator is not None and ((epoch + 1) % args.val_every == 0 or epoch + 1 == cfg.epochs):
+            last |= validate(run, epoch)
         logger.log_epoch(last)
         if info.is_main:
             finished = epoch + 1
@@ -453,6 +489,8 @@ def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> P
         total = time.perf_counter() - t_run
         seen = (cfg.epochs - start_epoch) * iters * cfg.batch_per_gpu * info.world_size
         loss_txt = f"{last['train_loss']:.4f}" if last else "n/a (nothing left to train)"
+        if "val_loss" in last:
+            loss_txt += f", validation loss {last['val_loss']:.4f}"
         print(f"{method} done: epochs {start_epoch}->{cfg.epochs}, final loss {loss_txt}, "
               f"{seen / max(total, 1e-9):.1f} img/s, {total:.1f} s, checkpoint {cfg.output_dir / 'checkpoint.pth'}")
     return cfg.output_dir
@@ -498,6 +536,28 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     if device.type == "cuda":
         record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return record
+
+
+def build_validator(
+    method: str, cfg: RunConfig, args: argparse.Namespace, info: distributed.DistInfo, table: Any, recipe: Any
+) -> Any:
+    """The held-out sites as a fixed-crop dataset (own seed) sharded over ranks."""
+    from data.datasets import TrainCropDataset
+    from utils.validation import Validator
+
+    dataset = TrainCropDataset(table, recipe, channels=tuple(args.channels), seed=sample_seed(args.seed, "val_crops"))
+    return Validator(method, dataset, cfg.batch_per_gpu, info, args.seed, max(0, args.num_workers),
+                     cfg.pin_mem and info.device.type == "cuda")
+
+
+def validate(run: _Run, epoch: int) -> dict[str, float]:
+    """Validation after ``epoch`` with the schedule values of its last step (DINO's teacher temperature)."""
+    stepper = run.stepper
+    step = (epoch + 1) * run.steps_per_epoch - 1
+    return run.validator.run(
+        stepper.model, lambda views, gen: stepper.pipeline(views, gen),
+        lambda: autocast(stepper.precision, run.info.device), epoch, step, run.schedules.at(step),
+    )
 
 
 def _check_replicas(model: nn.Module, info: distributed.DistInfo, out_dir: Path) -> None:
