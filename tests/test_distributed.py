@@ -68,7 +68,8 @@ def _gather_worker(rank: int, port: int, queue) -> None:
         gathered = distributed.all_gather_with_grad(x)
         (gathered * weights[rank]).pow(2).sum().backward()
         mean = distributed.all_reduce_mean(torch.tensor([float(rank)]))
-        queue.put((rank, info.launcher, gathered.detach(), x.grad.clone(), float(mean)))
+        # numpy, not tensors: a tensor crosses the queue as a shared-memory fd that dies with this process
+        queue.put((rank, info.launcher, gathered.detach().numpy(), x.grad.numpy(), float(mean)))
         distributed.barrier()
     finally:
         distributed.cleanup()
@@ -91,6 +92,6 @@ def test_all_gather_with_grad_matches_single_process_gradients():
     sum((full * weights[r]).pow(2).sum() for r in range(2)).backward()
     for rank, launcher, gathered, grad, mean in results:
         assert launcher == "torchrun" and mean == pytest.approx(0.5)
-        torch.testing.assert_close(gathered, full.detach())
-        torch.testing.assert_close(grad, full.grad[2 * rank : 2 * rank + 2])
+        torch.testing.assert_close(torch.from_numpy(gathered), full.detach())
+        torch.testing.assert_close(torch.from_numpy(grad), full.grad[2 * rank : 2 * rank + 2])
     assert not dist.is_initialized()
