@@ -79,11 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     """Parse the flags and run the pipeline."""
     from utils.inference import run_inference
 
-    run_inference(build_parser().parse_args())
+    run_inference(build_parser().parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":

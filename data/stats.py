@@ -141,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Thin CLI: parse, load the table, compute, write, print one summary line."""
     args = _parser().parse_args(argv)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     table = load_site_table(args.dataset_csv, image_root=args.image_root, channels=args.channels)
     name = args.name or Path(args.dataset_csv).stem
     norm, used = dataset_intensity_norm(

@@ -33,7 +33,7 @@ from data.cellmask import otsu_threshold
 from data.io import write_channel_tiffs, write_merged_tiff
 from data.schema import DEFAULT_CHANNELS
 from utils.errors import ConfigError
-from utils.fileio import write_csv_atomic, write_json_atomic
+from utils.fileio import ensure_dir, write_csv_atomic, write_json_atomic
 from utils.seeding import sample_seed
 
 FORMAT = "cellpaint-ssl-synthetic/1"
@@ -650,6 +650,7 @@ def generate_plates(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     design = build_design(plates, batches, wells, seed)
+    ensure_dir(out)
     for stale in ("dataset.csv", "ground_truth.json"):  # a folder being regenerated must not look complete
         (out / stale).unlink(missing_ok=True)
     rows, tasks = [], []
@@ -667,7 +668,7 @@ def generate_plates(
                          "perturbation_id": well.perturbation_id, "target": well.target,
                          "control_type": well.control_type,
                          **{f"label_{a}": (np.nan if v is None else v) for a, v in labels.items()}})
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    ensure_dir(out / "images")
     otsu = list(tqdm(_map(tasks, workers), total=len(tasks), desc="synthetic sites", unit="site",
                      disable=not progress))
     table = pd.DataFrame(rows)

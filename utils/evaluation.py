@@ -15,7 +15,7 @@ import pandas as pd
 from utils import metrics as M
 from utils import plots
 from utils.errors import ConfigError, DataError
-from utils.fileio import write_csv_atomic, write_text_atomic
+from utils.fileio import ensure_dir, write_csv_atomic, write_text_atomic
 
 WELL_FILES = ("well_features.csv", "well_features.csv.gz", "well_features.parquet")
 SKIP_DIRS = {"figures"}
@@ -454,8 +454,11 @@ def run_evaluation(cfg: EvalConfig) -> Path:
         raise ConfigError(f"unknown --nsp-mode {cfg.nsp_mode!r}: choose from {', '.join(NSP_MODES)}")
     if cfg.null_size < 1 or cfg.replicate_null_size < 1:
         raise ConfigError("--null-size and --replicate-null-size must be positive")
+    if not 0.0 < cfg.threshold < 1.0:
+        raise ConfigError(f"--threshold {cfg.threshold} must be a significance level between 0 and 1")
     start = time.perf_counter()
     found = discover_representations(cfg.input_dir)
+    ensure_dir(cfg.out_dir)
     results = {}
     for name, path in found:
         rep = load_representation(name, path, cfg)

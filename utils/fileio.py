@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from utils.errors import ConfigError
+
 
 def _default_file_mode() -> int:
     """The mode open() would give a new file, because mkstemp's private 0600 would hide outputs from co-workers."""
@@ -21,12 +23,25 @@ def _default_file_mode() -> int:
 _FILE_MODE = _default_file_mode()
 
 
+def ensure_dir(path: str | os.PathLike[str]) -> Path:
+    """Create an output folder up front, so an impossible output path fails before the work, naming the folder."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{folder}: cannot create output folder ({exc.strerror})") from None
+    return folder
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    ensure_dir(target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise ConfigError(f"{target}: cannot write ({exc.strerror})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, _FILE_MODE)

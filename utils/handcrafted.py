@@ -30,6 +30,7 @@ in a plate's controls are dropped first. Feature selection: pycytominer variance
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import time
@@ -53,7 +54,7 @@ from data.io import read_site
 from data.schema import DEFAULT_CHANNELS, INFERENCE_REQUIRED, load_site_table
 from utils.cli import bool_flag, run_cli
 from utils.errors import ConfigError, DataError
-from utils.fileio import write_csv_atomic, write_json_atomic
+from utils.fileio import ensure_dir, write_csv_atomic, write_json_atomic
 
 SCALE = 65535.0
 COMPARTMENTS: tuple[str, ...] = ("Nuclei", "Cells", "Cytoplasm")
@@ -65,6 +66,18 @@ NORM_METHODS: tuple[str, ...] = ("mad_robustize", "standardize", "none")
 SELECT_OPERATIONS: tuple[str, ...] = ("variance_threshold", "correlation_threshold", "drop_na_columns", "blocklist")
 DEFAULT_SELECT: tuple[str, ...] = SELECT_OPERATIONS
 TEXTURE_KEY = re.compile(r"^(?P<feature>[A-Za-z0-9]+)_(?P<suffix>\d+_\d+_\d+)$")
+
+
+def _check_range(obj: Any, above: dict[str, float], at_least: dict[str, float]) -> None:
+    """Reject sizes and levels that would segment nothing or crash deep inside scikit-image / cp_measure."""
+    for name, low in above.items():
+        value = getattr(obj, name)
+        if not math.isfinite(value) or value <= low:
+            raise ConfigError(f"{name} must be > {low}, got {value}")
+    for name, low in at_least.items():
+        value = getattr(obj, name)
+        if not math.isfinite(value) or value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,10 @@ class SegmentationParams:
     min_contrast: float = 5.0
     discard_border: bool = True
 
+    def __post_init__(self) -> None:
+        _check_range(self, {"nucleus_diameter": 0.0, "max_cell_distance": 0.0, "cell_threshold_factor": 0.0},
+                     {"smoothing": 0.0, "min_nucleus_area": 0.0, "min_contrast": 0.0})
+
 
 @dataclass(frozen=True)
 class MeasureOptions:
@@ -90,6 +107,9 @@ class MeasureOptions:
     texture_scale: int = 3
     texture_gray_levels: int = 64
     intensity_edges: bool = False
+
+    def __post_init__(self) -> None:
+        _check_range(self, {}, {"texture_scale": 1, "texture_gray_levels": 2})
 
 
 @dataclass
@@ -571,13 +591,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     table = load_site_table(args.valset, image_root=args.image_root, channels=channels, required=INFERENCE_REQUIRED)
     table = limit_sites(table, args.max_sites_per_well)
+    out = ensure_dir(args.output_dir)
+    for stale in ("site_features.csv", "well_features.csv", "run.json"):  # a failed rerun must not look complete
+        (out / stale).unlink(missing_ok=True)
     sites = compute_site_features(table, channels, params, options, args.site_operation, args.workers)
     wells, clean_report = drop_incomplete(aggregate(sites, args.well_operation))
     normalised, norm_report = normalize(wells, args.norm_method, args.control_query, args.controls)
     selected = select_features(normalised, select, args.corr_threshold)
     if not feature_columns(selected):
         raise DataError("feature selection removed every feature; try --feature_select none or fewer operations")
-    out = Path(args.output_dir)
     write_csv_atomic(sites, out / "site_features.csv")
     write_csv_atomic(selected, out / "well_features.csv")
     summary = {

@@ -58,11 +58,11 @@ from data.intensity import IntensityNorm, get_intensity_norm
 from data.prefetch import Region, SitePrefetcher, site_shape
 from data.schema import INFERENCE_REQUIRED, OPTIONAL_METADATA, image_paths, load_site_table
 from data.tiling import tile_batch, tile_positions
-from models.backbones import embed
+from models.backbones import ARCHS, embed
 from models.checkpoints import load_backbone_for_inference
 from utils.distributed import DistInfo, detect_launcher, init_distributed
 from utils.errors import ConfigError, DataError
-from utils.fileio import atomic_path, write_csv_atomic, write_json_atomic
+from utils.fileio import atomic_path, ensure_dir, write_csv_atomic, write_json_atomic
 from utils.profiles import (
     NORM_METHODS,
     aggregate_sites,
@@ -436,6 +436,9 @@ def _build_context(args: argparse.Namespace, channels: Sequence[str], dist_info:
     loaded = load_backbone_for_inference(args.ckpt, args.model, args.arch)
     backbone = loaded.backbone.to(dist_info.device).eval()
     in_chans = int(backbone.patch_embed.proj.in_channels)
+    patch = int(backbone.patch_embed.patch_size[0])
+    if args.size % patch:
+        raise ConfigError(f"--size {args.size} is not a multiple of the checkpoint's patch size {patch}")
     if in_chans != len(channels):
         raise ConfigError(f"--ckpt {args.ckpt} expects {in_chans} channels but --channels has {len(channels)}")
     model_channels = _model_channels(loaded, channels, args.ckpt)
@@ -504,6 +507,12 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--well-pool must be one of {', '.join(WELL_POOLS)}")
     if not Path(args.ckpt).is_file():
         raise ConfigError(f"--ckpt {args.ckpt}: no such file")
+    if args.arch not in ARCHS:
+        raise ConfigError(f"--arch {args.arch!r} is not one of {', '.join(sorted(ARCHS))}")
+    if not math.isfinite(args.cell_factor) or args.cell_factor < 0:
+        raise ConfigError(f"--cell-factor must be >= 0, got {args.cell_factor}")
+    if not 0.0 <= args.min_cell_fraction <= 1.0:
+        raise ConfigError(f"--min-cell-fraction is a fraction of tile pixels in [0, 1], got {args.min_cell_fraction}")
 
 
 def _clear_final_outputs(outdir: Path) -> None:
@@ -576,7 +585,7 @@ def run_inference(args: argparse.Namespace) -> Path | None:
     table = load_site_table(args.valset, args.image_root, channels, required=INFERENCE_REQUIRED,
                             check_files=not args.skip_bad_images)
     if dist_info.is_main:
-        outdir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(outdir)
         _clear_final_outputs(outdir)
     ctx, loaded = _build_context(args, channels, dist_info)
     sizes = table.groupby("plate", sort=False).size().to_dict()

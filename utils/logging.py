@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from utils.fileio import write_json_atomic, write_text_atomic
+from utils.fileio import ensure_dir, write_json_atomic, write_text_atomic
 
 
 def _plain(value: Any) -> Any:
@@ -29,7 +29,7 @@ class RunLogger:
         self.is_main = is_main
         self._writer = None
         if is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.out_dir)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
