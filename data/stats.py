@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=200, help="number of sites to sample (0 = all; default 200)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--channels", nargs="+", default=list(DEFAULT_CHANNELS), help="channel names in order")
-    p.add_argument("--image-root", default=None, help="folder that relative image paths resolve against")
+    p.add_argument("--image_root", "--image-root", dest="image_root", default=None,
+                   help="folder that relative image paths resolve against")
     p.add_argument("--name", default=None, help="name stored in the JSON (default: the CSV's file stem)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="reader threads")
     return p

@@ -208,6 +208,8 @@ def test_resume_skips_finished_plates_and_rejects_changed_settings(
     _run(data_dir, ckpt, out, "--resume")
     assert calls == [1]
     pd.testing.assert_frame_equal(first, pd.read_csv(out / "well_features.csv"))
+    _run(data_dir, ckpt, out, "--resume", "--model", "simclr", "--arch", "vit_base")  # our checkpoint decides the arch
+    assert calls == [1]
     with pytest.raises(ConfigError, match="stride"):
         _run(data_dir, ckpt, out, "--resume", "--stride", "16")
 

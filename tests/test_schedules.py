@@ -141,6 +141,12 @@ def test_per_tensor_clip_matches_paper_rule_and_global_clip_matches_torch():
         ("mae", ["--dist_on_itp"], "torchrun"),
         ("dino", ["--dist_url", "tcp://h:1"], "torchrun"),
         ("simclr", ["--ckpt_path", "x", "--scale", "0.5", "0.2"], "0 < low <= high"),
+        ("dino", ["--lr", "-1"], "--lr must be >= 0"),
+        ("dino", ["--num_workers", "-1"], "--num_workers must be >= 0"),
+        ("dino", ["--teacher_temp", "0"], "--teacher_temp must be > 0"),
+        ("simclr", ["--ckpt_path", "x", "--temperature", "0"], "--temperature must be > 0"),
+        ("simclr", ["--ckpt_path", "x", "--wd", "-0.1"], "--wd must be >= 0"),
+        ("mae", ["--mask_ratio", "1.0"], r"--mask_ratio must be in \[0, 1\)"),
     ],
 )
 def test_dead_or_bad_flags_fail_with_advice(method, argv, match):

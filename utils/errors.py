@@ -17,3 +17,7 @@ class CheckpointError(UserError):
 
 class ConfigError(UserError):
     """A flag or a combination of flags that cannot work."""
+
+
+class DivergenceError(UserError, FloatingPointError):
+    """Training produced a non-finite loss: a setting (learning rate, precision, temperature) needs changing."""

@@ -463,8 +463,8 @@ def _build_context(args: argparse.Namespace, channels: Sequence[str], dist_info:
     stride = args.stride or args.size
     fingerprint = {
         "checkpoint_sha256": file_sha256(args.ckpt),
-        "model": args.model,
-        "arch": args.arch,
+        "model": loaded.info.get("method", args.model),  # what was loaded, not what was typed
+        "arch": loaded.info.get("arch", args.arch),
         "channels": list(channels),
         "model_channels": list(model_channels),
         "intensity": intensity.to_dict(),

@@ -223,6 +223,16 @@ def check_args(method: str, args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{name} must be >= 1, got {value}")
+    for name in ("lr", "blr", "min_lr", "weight_decay", "weight_decay_end", "wd", "num_workers", "clip_grad"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {value}")
+    for name in ("temperature", "teacher_temp", "warmup_teacher_temp"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name} must be > 0, got {value}")
+    if method == "mae" and not 0 <= args.mask_ratio < 1:
+        raise ConfigError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if not 0 <= args.val_fraction < 1:
         raise ConfigError(f"--val_fraction must be in [0, 1), got {args.val_fraction} (0 disables validation)")
     if args.val_every < 1:

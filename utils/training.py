@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from utils import distributed
-from utils.errors import CheckpointError, ConfigError
+from utils.errors import CheckpointError, ConfigError, DivergenceError
 from utils.fileio import write_json_atomic
 from utils.logging import RunLogger
 from utils.schedules import cosine_schedule, linear_warmup_constant
@@ -504,8 +504,23 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     run.dataset.set_epoch(epoch)
     run.stepper.model.train()
     meter, t_epoch = _Meter(), time.perf_counter()
-    bar = tqdm(total=run.iters, desc=f"{run.method} epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main,
-               dynamic_ncols=True, leave=False)
+    with tqdm(total=run.iters, desc=f"{run.method} epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main,
+              dynamic_ncols=True, leave=False) as bar:
+        _run_epoch_steps(run, epoch, bar, meter, t_epoch, images_per_iter)
+    elapsed = time.perf_counter() - t_epoch
+    means = meter.means(device)
+    if not math.isfinite(means.get("loss", 0.0)):
+        raise DivergenceError(f"{run.method}: mean loss of epoch {epoch} is {means['loss']}")
+    record: dict[str, Any] = {f"train_{k}": v for k, v in means.items()}
+    record |= {"epoch": epoch, "img_per_s": run.iters * images_per_iter / max(elapsed, 1e-9), "epoch_time_s": elapsed}
+    if device.type == "cuda":
+        record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return record
+
+
+def _run_epoch_steps(run: _Run, epoch: int, bar: tqdm, meter: _Meter, t_epoch: float, images_per_iter: int) -> None:
+    """The iterations of one epoch, logging every --log_every steps; the caller owns the progress bar."""
+    cfg, device = run.cfg, run.info.device
     for it, batch in enumerate(run.loader):
         if it >= run.iters:
             break
@@ -519,23 +534,13 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, Any]:
         if step % max(run.args.log_every, 1) == 0 or it == run.iters - 1:
             host = _host(logs)
             if not math.isfinite(host["loss"]):
-                raise FloatingPointError(f"{run.method}: loss is {host['loss']} at epoch {epoch} iteration {it}; "
-                                         "lower --lr or try --precision fp32")
+                raise DivergenceError(f"{run.method}: loss is {host['loss']} at epoch {epoch} iteration {it}; "
+                                      "lower --lr or try --precision fp32")
             host["img_per_s"] = (it + 1) * images_per_iter / (time.perf_counter() - t_epoch)
             if device.type == "cuda":
                 host["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             run.logger.scalars(step, host)
             bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{values['lr']:.2e}")
-    bar.close()
-    elapsed = time.perf_counter() - t_epoch
-    means = meter.means(device)
-    if not math.isfinite(means.get("loss", 0.0)):
-        raise FloatingPointError(f"{run.method}: mean loss of epoch {epoch} is {means['loss']}")
-    record: dict[str, Any] = {f"train_{k}": v for k, v in means.items()}
-    record |= {"epoch": epoch, "img_per_s": run.iters * images_per_iter / max(elapsed, 1e-9), "epoch_time_s": elapsed}
-    if device.type == "cuda":
-        record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return record
 
 
 def build_validator(
