@@ -206,25 +206,27 @@ def _mean_by(x: np.ndarray, keys: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarra
     return first, sums / counts[:, None]
 
 
-def _curve_tables(res: M.ProfilePassResult, labels: np.ndarray, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The paper's *_prec_recall_k and *_prec_recall_cor tables for one representation and level."""
-    p_mi, p_ma = M.micro_macro(res.prec_k, labels)
-    r_mi, r_ma = M.micro_macro(res.rec_k, labels)
-    k_tab = pd.DataFrame({
-        "k": res.ks,
+def _pr_averages(prec: np.ndarray, rec: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The six micro/macro precision, recall and F1 columns shared by the k and the distance curves."""
+    p_mi, p_ma = M.micro_macro(prec, labels)
+    r_mi, r_ma = M.micro_macro(rec, labels)
+    return {
         "avg_precision_micro": p_mi, "avg_recall_micro": r_mi, "avg_f1_micro": M.f1(p_mi, r_mi),
         "avg_precision_macro": p_ma, "avg_recall_macro": r_ma, "avg_f1_macro": M.f1(p_ma, r_ma),
-    })
+    }
+
+
+def _curve_tables(res: M.ProfilePassResult, labels: np.ndarray, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The paper's *_prec_recall_k and *_prec_recall_cor tables for one representation and level."""
+    k_cols = _pr_averages(res.prec_k, res.rec_k, labels)
+    k_tab = pd.DataFrame({"k": res.ks, **k_cols})
+    p_mi, r_mi = k_cols["avg_precision_micro"], k_cols["avg_recall_micro"]
     k_tab["mean_prec_R"] = float(np.nanmean(res.prec_r)) if np.isfinite(res.prec_r).any() else np.nan
     k_tab["AUCPR_k"] = M.auc_trapezoid(p_mi, r_mi)
     k_tab["label"] = name
-    pd_mi, pd_ma = M.micro_macro(res.prec_d, labels)
-    rd_mi, rd_ma = M.micro_macro(res.rec_d, labels)
-    d_tab = pd.DataFrame({
-        "d": res.thresholds,
-        "avg_precision_micro": pd_mi, "avg_recall_micro": rd_mi, "avg_f1_micro": M.f1(pd_mi, rd_mi),
-        "avg_precision_macro": pd_ma, "avg_recall_macro": rd_ma, "avg_f1_macro": M.f1(pd_ma, rd_ma),
-    })
+    d_cols = _pr_averages(res.prec_d, res.rec_d, labels)
+    d_tab = pd.DataFrame({"d": res.thresholds, **d_cols})
+    pd_mi, rd_mi = d_cols["avg_precision_micro"], d_cols["avg_recall_micro"]
     m_ap = float(np.nanmean(res.ap)) if np.isfinite(res.ap).any() else np.nan
     d_tab["mAP"] = m_ap
     d_tab["mAP_k"] = m_ap
