@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="columns in which replicate positives must differ (copairs pos_diffby), e.g. a dose column")
     p.add_argument("--batch-classifier", choices=("ridge", "logistic", "random_forest"), default="ridge")
     p.add_argument("--device", default=None, help="torch device for the similarity GEMMs (default: cuda if present)")
+    p.add_argument("--compare-to", dest="compare_to", nargs="+", default=[], metavar="NAME",
+                   help="baseline representation folders (e.g. Random CellProfiler): summary.md states every other "
+                        "representation's gain in target and replicate mAP over each, with the sign")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     return p.parse_args(argv)
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         threshold=args.threshold, controls=tuple(args.controls), column_map=mapping,
         metadata_preset=args.metadata_preset, replicate_diffby=tuple(args.replicate_diffby),
         batch_classifier=args.batch_classifier, device=args.device or default_device(),
-        progress=not args.no_progress, figures=not args.no_figures,
+        progress=not args.no_progress, figures=not args.no_figures, compare_to=tuple(args.compare_to),
     )
     run_evaluation(cfg)
     return 0

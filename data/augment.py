@@ -189,6 +189,13 @@ def _randint(
     return torch.minimum((u * high_t).long(), high_t.long() - 1)
 
 
+COLOR_MODES = ("relative", "paper")
+COLOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "relative": {"shift": 0.5, "gamma": (0.8, 1.25), "brightness": 0.2},  # shift in units of the view's std
+    "paper": {"shift": 0.3, "gamma": (0.5, 1.5), "brightness": 0.0},  # absolute, on raw [0, 1] intensities
+}
+
+
 def _check_probability(name: str, p: float) -> float:
     """Reject probabilities outside [0, 1] with the option's name."""
     if not 0.0 <= float(p) <= 1.0:
@@ -232,11 +239,22 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int =
 class GpuAugment(nn.Module):
     """Batched per-sample augmentation of float [0, 1] crops on the device; ``forward`` never writes into its input.
 
-    Order: horizontal flip, vertical flip, 90-degree rotation, per-channel additive shift U(-shift, shift) clipped to
-    [0, 1], per-channel gamma U(gamma) clipped, Gaussian blur (per-sample sigma), Gaussian noise, channel drop. The
-    defaults are the paper's colour pipeline (flips p=0.5, shift 0.3 and gamma (0.5, 1.5) with p=1, blur/noise/drop
-    p=0) plus 90-degree rotations: ``rot90_p`` is the chance of rotating by 90, 180 or 270 degrees (equally likely),
-    so the default 0.75 makes all four orientations equally likely (off in the paper; cells have no orientation).
+    Order: horizontal flip, vertical flip, 90-degree rotation, per-channel intensity jitter (``shift_p``), per-channel
+    gamma (``gamma_p``), Gaussian blur (per-sample sigma), Gaussian noise, channel drop. ``rot90_p`` is the chance of
+    rotating by 90, 180 or 270 degrees (equally likely), so the default 0.75 makes all four orientations equally
+    likely (off in the paper; cells have no orientation). Blur/noise/drop default to p=0.
+
+    ``color_mode`` chooses how the intensity jitter is scaled:
+
+    * ``"relative"`` (default): the jitter is tied to each view's own per-channel dynamic range, so it is equally
+      strong on dark and bright images. Per channel, ``x -> x * U(1 - brightness, 1 + brightness) + U(-shift, shift)
+      * std_c * b`` (``std_c`` is the view's spatial std of that channel, ``b`` the brightness factor), clipped to
+      [0, 1]; then gamma ``x -> r_c * (x / r_c) ** U(gamma)`` with ``r_c`` the view's per-channel maximum. Every step is
+      homogeneous of degree one, so ``aug(k * x) == k * aug(x)`` while nothing clips (defaults: brightness 0.2,
+      shift 0.5 std, gamma (0.8, 1.25)).
+    * ``"paper"``: the paper's absolute ops on raw [0, 1] intensities: additive shift U(-shift, shift) clipped to
+      [0, 1], then gamma U(gamma) (defaults shift 0.3, gamma (0.5, 1.5)). On Cell Painting sites, whose per-channel
+      means are ~0.06 and spatial std ~0.04, these offsets are 5-8x the image content and turn views black or flat.
     """
 
     def __init__(
@@ -244,9 +262,9 @@ class GpuAugment(nn.Module):
         hflip_p: float = 0.5,
         vflip_p: float = 0.5,
         rot90_p: float = 0.75,
-        shift: float = 0.3,
+        shift: float | None = None,
         shift_p: float = 1.0,
-        gamma: Sequence[float] = (0.5, 1.5),
+        gamma: Sequence[float] | None = None,
         gamma_p: float = 1.0,
         blur_p: float = 0.0,
         blur_sigma: Sequence[float] = (0.1, 2.0),
@@ -254,8 +272,22 @@ class GpuAugment(nn.Module):
         noise_p: float = 0.0,
         noise_std: float = 0.05,
         drop_p: float = 0.0,
+        color_mode: str = "relative",
+        brightness: float | None = None,
     ) -> None:
         super().__init__()
+        if color_mode not in COLOR_MODES:
+            raise ConfigError(f"color_mode={color_mode!r} must be one of {COLOR_MODES}")
+        self.color_mode = color_mode
+        defaults = COLOR_DEFAULTS[color_mode]
+        shift = defaults["shift"] if shift is None else shift
+        gamma = defaults["gamma"] if gamma is None else gamma
+        brightness = defaults["brightness"] if brightness is None else float(brightness)
+        if color_mode == "paper" and brightness != 0.0:
+            raise ConfigError("brightness only applies to color_mode='relative' (the paper has no multiplicative jitter)")
+        if not 0.0 <= brightness < 1.0:
+            raise ConfigError(f"brightness={brightness!r} must be in [0, 1)")
+        self.brightness = brightness
         self.hflip_p = _check_probability("hflip_p", hflip_p)
         self.vflip_p = _check_probability("vflip_p", vflip_p)
         self.rot90_p = _check_probability("rot90_p", rot90_p)
@@ -301,6 +333,10 @@ class GpuAugment(nn.Module):
         on = u(b) < self.gamma_p
         lo, hi = self.gamma
         params["gamma"] = torch.where(on[:, None], lo + (hi - lo) * u(b, c), torch.ones(b, c, device=dev))
+        if self.color_mode == "relative":  # drawn after the paper's parameters, so paper mode replays unchanged
+            on = u(b) < self.shift_p
+            factor = 1.0 + (u(b, c) * 2 - 1) * self.brightness
+            params["brightness"] = torch.where(on[:, None], factor, torch.ones(b, c, device=dev))
         if self.blur_p > 0:
             lo, hi = self.blur_sigma
             params["blur"] = u(b) < self.blur_p
@@ -321,10 +357,13 @@ class GpuAugment(nn.Module):
         geometric = self.hflip_p > 0 or self.vflip_p > 0 or self.rot90_p > 0
         y = _dihedral(x, params["hflip"], params["vflip"], params["rot90"]) if geometric else x
         expand = lambda t: t.to(y.dtype)[:, :, None, None]
-        if self.shift_p > 0 and self.shift > 0:
-            y = (y + expand(params["shift"])).clamp(0.0, 1.0)
-        if self.gamma_p > 0:
-            y = y.clamp(0.0, 1.0).pow(expand(params["gamma"])).clamp(0.0, 1.0)
+        if self.color_mode == "relative":
+            y = self._relative_intensity(y, params, expand)
+        else:
+            if self.shift_p > 0 and self.shift > 0:
+                y = (y + expand(params["shift"])).clamp(0.0, 1.0)
+            if self.gamma_p > 0:
+                y = y.clamp(0.0, 1.0).pow(expand(params["gamma"])).clamp(0.0, 1.0)
         if "blur" in params:
             blurred = gaussian_blur_batch(y, params["blur_sigma"], self.blur_kernel)
             y = torch.where(params["blur"][:, None, None, None], blurred, y)
@@ -335,6 +374,17 @@ class GpuAugment(nn.Module):
             hit = F.one_hot(params["drop_channel"], y.shape[1]).bool() & params["drop"][:, None]
             y = y.masked_fill(hit[:, :, None, None], 0.0)
         return x.clone() if y is x else y
+
+    def _relative_intensity(self, y: torch.Tensor, params: dict[str, torch.Tensor], expand: Callable) -> torch.Tensor:
+        """Brightness x offset scaled by the view's own per-channel std, then gamma on x / per-channel max."""
+        if self.shift_p > 0 and (self.shift > 0 or self.brightness > 0):
+            factor = expand(params["brightness"])
+            std = y.flatten(2).std(dim=2, unbiased=False)[:, :, None, None]
+            y = ((y + expand(params["shift"]) * std) * factor).clamp(0.0, 1.0)
+        if self.gamma_p > 0:
+            ref = y.flatten(2).amax(dim=2)[:, :, None, None].clamp_min(1e-8)
+            y = ((y / ref).clamp(0.0, 1.0).pow(expand(params["gamma"])) * ref).clamp(0.0, 1.0)
+        return y
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment a batch with per-sample parameters drawn from ``generator`` (torch's default one when None)."""
@@ -561,7 +611,7 @@ class AugmentRecipe:
 
 
 AUG_OPTIONS = tuple(p for p in inspect.signature(GpuAugment.__init__).parameters if p != "self")
-MAE_AUG_DEFAULTS = {"rot90_p": 0.0, "shift_p": 0.0, "gamma_p": 0.0}
+MAE_AUG_DEFAULTS = {"rot90_p": 0.0, "shift_p": 0.0, "gamma_p": 0.0}  # flips only (the paper), in either color_mode
 
 
 def _dino_recipe(

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import SSLMethod
+from utils.collapse import dino_stats
 from utils.errors import ConfigError
 
 if TYPE_CHECKING:  # timm is imported only when a model is built, so DINOLoss users (and spawned tests) start fast
@@ -253,10 +254,17 @@ class DINO(SSLMethod):
                 raise ConfigError(f"a view tensor has {v.shape[0]} rows, not a multiple of the batch size {batch}")
         temp = self.teacher_temp(state)
         with torch.no_grad():
-            teacher_out = self.teacher.head(self.teacher.backbone(views[0]))
+            teacher_feat = self.teacher.backbone(views[0])
+            teacher_out = self.teacher.head(teacher_feat)
+        center = self.dino_loss.center.detach().clone()  # the loss updates it in place
         student_out = self._student(views)
         loss = self.dino_loss(student_out, teacher_out, temp, self.n_global_crops)
+        self.record_embedding(teacher_feat, **dino_stats(teacher_out, center, temp, loss))
         return loss, {"teacher_temp": temp}
+
+    def inference_backbone(self) -> nn.Module:
+        """Inference embeds with the teacher (the paper's and DINO's choice)."""
+        return self.teacher.backbone
 
     @torch.no_grad()
     def after_step(self, state: dict[str, Any]) -> None:

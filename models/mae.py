@@ -210,14 +210,17 @@ class MaskedAutoencoder(SSLMethod):
         generator = state.get("generator") or self.step_generator(views[0].device, state)
         total = views[0].new_zeros((), dtype=torch.float32)
         count = 0
+        visible_means = []
         for imgs in views:
             h, w = imgs.shape[-2:]
             if h % self.patch or w % self.patch:
                 raise ConfigError(f"MAE view size {h}x{w} is not a multiple of the patch size {self.patch}")
             latent, mask, ids_restore = self.forward_encoder(imgs, self.mask_ratio, generator)
+            visible_means.append(latent[:, 1:].detach().mean(dim=1))  # mean of visible tokens: the mean-pool proxy
             pred = self.forward_decoder(latent, ids_restore, (h // self.patch, w // self.patch))
             total = total + self.loss(imgs, pred, mask) * imgs.shape[0]
             count += imgs.shape[0]
+        self.record_embedding(torch.cat(visible_means))
         return total / count, {"mask_ratio": self.mask_ratio}
 
     def paper_state_dict(self) -> dict[str, torch.Tensor]:

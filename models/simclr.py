@@ -80,6 +80,8 @@ class SimCLR(SSLMethod):
             raise ConfigError(f"SimCLR needs two views of one size, got tensors {[tuple(v.shape) for v in views]}")
         if x.shape[0] % 2:
             raise ConfigError(f"SimCLR view tensor has {x.shape[0]} rows; expected 2 views per sample")
-        z = self.mlp(self.backbone(x))
+        feats = self.backbone(x)
+        self.record_embedding(feats)
+        z = self.mlp(feats)
         z1, z2 = z.chunk(2)
         return nt_xent(z1, z2, self.temperature, gather=True), {}

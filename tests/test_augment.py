@@ -59,8 +59,10 @@ def test_recipes_defaults_and_overrides() -> None:
     dino = get_recipe("dino")
     assert [(v.count, v.size, v.scale) for v in dino.views] == [(2, 224, None), (8, 96, None)]
     aug = dino.gpu_aug_per_view[0]
-    assert (aug.hflip_p, aug.vflip_p, aug.shift, aug.shift_p, aug.gamma, aug.gamma_p) == (
-        0.5, 0.5, 0.3, 1.0, (0.5, 1.5), 1.0)  # fmt: skip
+    assert (aug.color_mode, aug.hflip_p, aug.vflip_p, aug.shift, aug.shift_p, aug.gamma, aug.gamma_p,
+            aug.brightness) == ("relative", 0.5, 0.5, 0.5, 1.0, (0.8, 1.25), 1.0, 0.2)  # fmt: skip
+    paper = get_recipe("dino", color_mode="paper").gpu_aug_per_view[0]
+    assert (paper.color_mode, paper.shift, paper.gamma, paper.brightness) == ("paper", 0.3, (0.5, 1.5), 0.0)
     assert (aug.blur_p, aug.noise_p, aug.drop_p, aug.rot90_p) == (0.0, 0.0, 0.0, 0.75)
     custom = get_recipe("dino", global_crops_scale=[0.2, 0.4], local_crops_scale=(0.05, 0.2), local_crops_number=4)
     assert [(v.count, v.scale) for v in custom.views] == [(2, (0.2, 0.4)), (4, (0.05, 0.2))]
@@ -203,7 +205,8 @@ def test_geometry_matches_flip_and_rot90_reference() -> None:
 
 def test_colour_ops_match_per_sample_formula() -> None:
     x = torch.rand(6, 5, 8, 8)
-    aug = GpuAugment(hflip_p=0, vflip_p=0, rot90_p=0, shift=0.3, gamma=(0.5, 1.5))
+    aug = GpuAugment(hflip_p=0, vflip_p=0, rot90_p=0, color_mode="paper")  # the paper's defaults: 0.3, (0.5, 1.5)
+    assert (aug.shift, aug.gamma) == (0.3, (0.5, 1.5))
     params = aug.sample_params(x.shape, _gen(1))
     y = aug(x, _gen(1))
     s, g = params["shift"], params["gamma"]
@@ -211,6 +214,53 @@ def test_colour_ops_match_per_sample_formula() -> None:
     ref = ((x + s[:, :, None, None]).clamp(0, 1) ** g[:, :, None, None]).clamp(0, 1)
     torch.testing.assert_close(y, ref)
     assert len({tuple(row.tolist()) for row in s}) == 6  # per-sample, per-channel draws
+
+
+def test_paper_mode_replays_the_old_draws_and_rejects_brightness() -> None:
+    """Paper mode draws exactly the parameters it always drew (relative mode only appends its own draws)."""
+    shape = (5, 5, 8, 8)
+    old = GpuAugment(color_mode="paper", blur_p=0.5, noise_p=0.5, drop_p=0.5).sample_params(shape, _gen(11))
+    assert set(old) == {"hflip", "vflip", "rot90", "shift", "gamma", "blur", "blur_sigma", "noise", "noise_values",
+                        "drop", "drop_channel"}
+    rel = GpuAugment(color_mode="relative", shift=0.3, gamma=(0.5, 1.5), blur_p=0.5, noise_p=0.5, drop_p=0.5)
+    new = rel.sample_params(shape, _gen(11))
+    for key in ("hflip", "vflip", "rot90", "shift", "gamma"):
+        torch.testing.assert_close(new[key], old[key], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="brightness"):
+        GpuAugment(color_mode="paper", brightness=0.2)
+    with pytest.raises(ConfigError, match="color_mode"):
+        GpuAugment(color_mode="absolute")
+
+
+def test_relative_mode_matches_formula_and_is_scale_equivariant() -> None:
+    """x -> clip((x + s * std_c) * b) then r_c * (x / r_c) ** g: the strength follows each view's own range."""
+    gen = torch.Generator().manual_seed(12)
+    x = 0.02 + 0.05 * torch.rand(6, 5, 16, 16, generator=gen)  # dark, like Cell Painting sites (mean ~0.045)
+    aug = GpuAugment(hflip_p=0, vflip_p=0, rot90_p=0)
+    params = aug.sample_params(x.shape, _gen(13))
+    s, g, b = (params[k][:, :, None, None] for k in ("shift", "gamma", "brightness"))
+    assert s.abs().max() <= 0.5 and ((b >= 0.8) & (b <= 1.2)).all() and ((g >= 0.8) & (g <= 1.25)).all()
+    std = x.flatten(2).std(2, unbiased=False)[:, :, None, None]
+    z = ((x + s * std) * b).clamp(0, 1)
+    r = z.flatten(2).amax(2)[:, :, None, None]
+    torch.testing.assert_close(aug.apply(x, params), r * (z / r) ** g)
+    # 10x brighter (still below 1): the same draws give exactly 10x the result
+    torch.testing.assert_close(aug.apply(10 * x, params), 10 * aug.apply(x, params), rtol=1e-5, atol=1e-6)
+
+
+def test_relative_mode_keeps_per_channel_contrast_on_dark_views_where_paper_mode_destroys_it() -> None:
+    gen = torch.Generator().manual_seed(14)
+    x = (0.06 + 0.04 * torch.randn(256, 5, 24, 24, generator=gen)).clamp(0, 1)  # raw means ~0.06, std ~0.04
+    in_std = x.flatten(2).std(2)
+    ratio = {}
+    for mode in ("relative", "paper"):
+        y = GpuAugment(hflip_p=0, vflip_p=0, rot90_p=0, color_mode=mode)(x, _gen(15))
+        ratio[mode] = y.flatten(2).std(2) / in_std
+        assert torch.equal(x, (0.06 + 0.04 * torch.randn(256, 5, 24, 24, generator=gen.manual_seed(14))).clamp(0, 1))
+    rel = ratio["relative"]
+    assert 0.6 < float(rel.min()) and float(rel.max()) < 1.6  # per-channel std stays within a bound of the input's
+    assert abs(float(rel.median()) - 1) < 0.15
+    assert float((ratio["paper"] < 0.1).float().mean()) > 0.05  # the paper's shift flattens a share of channels
 
 
 def test_blur_matches_torchvision_per_sample_sigma() -> None:

@@ -21,3 +21,7 @@ class ConfigError(UserError):
 
 class DivergenceError(UserError, FloatingPointError):
     """Training produced a non-finite loss: a setting (learning rate, precision, temperature) needs changing."""
+
+
+class CollapseError(UserError):
+    """A run asked to stop on collapse (``--stop_on_collapse``) stayed collapsed; the message says what to try."""

@@ -60,6 +60,7 @@ class EvalConfig:
     device: str | None = None
     progress: bool = True
     figures: bool = True
+    compare_to: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -154,6 +155,15 @@ def load_representation(name: str, path: Path, cfg: EvalConfig) -> Representatio
         raise DataError(f"{path}: cannot read CSV ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
     df = df.drop(columns=[c for c in df.columns if str(c).startswith("Unnamed: ")])
     df = apply_column_map(df, cfg.column_map, cfg.metadata_preset, str(path))
+    return representation_from_frame(name, df, cfg, path)
+
+
+def representation_from_frame(name: str, df: pd.DataFrame, cfg: EvalConfig, path: Path) -> Representation:
+    """Check an in-memory well table (paper metadata names) and split it into metadata and features.
+
+    ``load_representation`` reads files through this, and the training probe hands it the frame it embedded, so
+    both are checked and scored by the same code.
+    """
     missing = [c for c in required_columns(cfg) if c not in df.columns]
     if missing:
         raise DataError(
@@ -320,38 +330,11 @@ def evaluate_representation(rep: Representation, cfg: EvalConfig) -> RepResult:
     # profile levels (correlation distance on the features as given)
     pert_keys, pert_x = _mean_by(wx, wm[["batch", "perturbation_id"]])
     pk, pc = _level_curves(pert_x, M.codes(pert_keys["perturbation_id"]), rep.name, cfg, "perturbation level", notes)
-    cons_keys, cons_x = _mean_by(wx, wm[["perturbation_id"]])
-    cons_target = wm.groupby("perturbation_id", sort=False)[lab].first().reindex(cons_keys["perturbation_id"])
-    has_t = cons_target.notna().to_numpy()
-    if not has_t.all():
-        notes.append(f"{int((~has_t).sum())} perturbation(s) without a {lab} left out of {lab}-level metrics")
-    cons = pd.DataFrame({"perturbation_id": cons_keys["perturbation_id"][has_t].to_numpy(),
-                         lab: cons_target[has_t].astype(str).to_numpy()})
-    tk, tc = _level_curves(cons_x[has_t], M.codes(cons[lab]), rep.name, cfg, f"{lab} level", notes)
+    cons, cons_x = consensus_profiles(rep, cfg, notes)
+    tk, tc = _level_curves(cons_x, M.codes(cons[lab]), rep.name, cfg, f"{lab} level", notes)
 
-    # copairs-style mAP: replicate retrieval against controls, and target retrieval on consensus profiles
-    maps = []
-    rmeta = meta.copy()
-    rmeta["perturbation_id"] = rmeta["perturbation_id"].astype(str)
-    rmeta["__ref"] = np.where(is_ctrl, np.arange(len(meta)), -1)
-    for col in cfg.replicate_diffby:
-        if col not in rmeta.columns:
-            raise DataError(f"{rep.path}: --replicate-diffby column {col!r} not found")
-    if is_ctrl.any():
-        rules = M.PairRules(("perturbation_id", "__ref"), tuple(cfg.replicate_diffby), (), ("perturbation_id", "__ref"))
-        maps.append(_copairs_map(rmeta, x, rules, ["perturbation_id"], trt, cfg, "replicate", rep.name, notes))
-    else:
-        notes.append("replicate retrieval: no control wells (see --controls)")
-    if len(cons) >= 2:
-        rules = M.PairRules((lab,), ("perturbation_id",), (), (lab,))
-        maps.append(_copairs_map(cons, cons_x[has_t], rules, [lab], np.ones(len(cons), bool), cfg, lab, rep.name,
-                                 notes))
-    map_df = pd.concat(maps, ignore_index=True) if maps else pd.DataFrame()
-    for task in ("replicate", lab):
-        part = map_df[map_df["task"] == task] if not map_df.empty else map_df
-        well[f"{task}_mAP"] = float(part["mean_average_precision"].mean()) if len(part) else np.nan
-        well[f"{task}_nmAP"] = float(part["mean_normalized_average_precision"].mean()) if len(part) else np.nan
-        well[f"{task}_fraction_retrieved"] = float(part["below_corrected_p"].mean()) if len(part) else np.nan
+    map_df = retrieval_maps(rep, cfg, is_ctrl, cons, cons_x, notes)
+    well.update(map_columns(map_df, lab))
 
     # batch diagnostics
     bc = M.batch_classification(xz, wm["batch"].astype(str).to_numpy(), cfg.batch_classifier, seed=cfg.seed)
@@ -367,7 +350,65 @@ def evaluate_representation(rep: Representation, cfg: EvalConfig) -> RepResult:
         "feature_set": rep.kind, "n_features": len(rep.features), "n_wells": len(wm),
         "n_perturbations": int(len(counts)), "nsp_mode": cfg.nsp_mode, "notes": "; ".join(notes),
     })
-    return RepResult(well, pk, pc, tk, tc, map_df, (cons_x[has_t], cons[lab].to_numpy()))
+    return RepResult(well, pk, pc, tk, tc, map_df, (cons_x, cons[lab].to_numpy()))
+
+
+def consensus_profiles(rep: Representation, cfg: EvalConfig, notes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Mean profile per perturbation over its non-control wells, with its label (perturbations without one dropped)."""
+    lab = cfg.label
+    trt = ~control_mask(rep.meta, cfg)
+    wm, wx = rep.meta[trt].reset_index(drop=True), rep.x[trt]
+    cons_keys, cons_x = _mean_by(wx, wm[["perturbation_id"]])
+    cons_target = wm.groupby("perturbation_id", sort=False)[lab].first().reindex(cons_keys["perturbation_id"])
+    has_t = cons_target.notna().to_numpy()
+    if not has_t.all():
+        notes.append(f"{int((~has_t).sum())} perturbation(s) without a {lab} left out of {lab}-level metrics")
+    cons = pd.DataFrame({"perturbation_id": cons_keys["perturbation_id"][has_t].to_numpy(),
+                         lab: cons_target[has_t].astype(str).to_numpy()})
+    return cons, cons_x[has_t]
+
+
+def map_columns(map_df: pd.DataFrame, lab: str) -> dict[str, float]:
+    """replicate_/<label>_ mAP, normalised mAP and fraction retrieved: means over the groups of each task."""
+    out = {}
+    for task in ("replicate", lab):
+        part = map_df[map_df["task"] == task] if not map_df.empty else map_df
+        out[f"{task}_mAP"] = float(part["mean_average_precision"].mean()) if len(part) else np.nan
+        out[f"{task}_nmAP"] = float(part["mean_normalized_average_precision"].mean()) if len(part) else np.nan
+        out[f"{task}_fraction_retrieved"] = float(part["below_corrected_p"].mean()) if len(part) else np.nan
+    return out
+
+
+def retrieval_maps(rep: Representation, cfg: EvalConfig, is_ctrl: np.ndarray | None = None,
+                   cons: pd.DataFrame | None = None, cons_x: np.ndarray | None = None,
+                   notes: list[str] | None = None) -> pd.DataFrame:
+    """copairs-style mAP: replicate retrieval against controls, and label retrieval on consensus profiles.
+
+    The training probe calls this with a representation alone (controls and consensus are derived here), and
+    ``evaluate_representation`` with what it has already computed, so both give the same numbers.
+    """
+    notes = [] if notes is None else notes
+    meta, x, lab = rep.meta, rep.x, cfg.label
+    is_ctrl = control_mask(meta, cfg) if is_ctrl is None else is_ctrl
+    if cons is None or cons_x is None:
+        cons, cons_x = consensus_profiles(rep, cfg, notes)
+    trt = ~is_ctrl
+    maps = []
+    rmeta = meta.copy()
+    rmeta["perturbation_id"] = rmeta["perturbation_id"].astype(str)
+    rmeta["__ref"] = np.where(is_ctrl, np.arange(len(meta)), -1)
+    for col in cfg.replicate_diffby:
+        if col not in rmeta.columns:
+            raise DataError(f"{rep.path}: --replicate-diffby column {col!r} not found")
+    if is_ctrl.any():
+        rules = M.PairRules(("perturbation_id", "__ref"), tuple(cfg.replicate_diffby), (), ("perturbation_id", "__ref"))
+        maps.append(_copairs_map(rmeta, x, rules, ["perturbation_id"], trt, cfg, "replicate", rep.name, notes))
+    else:
+        notes.append("replicate retrieval: no control wells (see --controls)")
+    if len(cons) >= 2:
+        rules = M.PairRules((lab,), ("perturbation_id",), (), (lab,))
+        maps.append(_copairs_map(cons, cons_x, rules, [lab], np.ones(len(cons), bool), cfg, lab, rep.name, notes))
+    return pd.concat(maps, ignore_index=True) if maps else pd.DataFrame()
 
 
 def _summary_markdown(well: pd.DataFrame, cfg: EvalConfig) -> str:
@@ -386,10 +427,43 @@ def _summary_markdown(well: pd.DataFrame, cfg: EvalConfig) -> str:
             v = row.get(c, np.nan)
             cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += gains_markdown(well, cfg)
     notes = [(r["label"], r["notes"]) for _, r in well.iterrows() if r["notes"]]
     if notes:
         lines += ["", "## Notes (why a value is NaN)", ""] + [f"- **{n}**: {t}" for n, t in notes]
     return "\n".join(lines) + "\n"
+
+
+def gains_markdown(well: pd.DataFrame, cfg: EvalConfig) -> list[str]:
+    """Per representation, the signed gain in label and replicate mAP over each ``--compare-to`` baseline.
+
+    A trained model is a result only against its own random initialisation and the handcrafted features, so the
+    summary says in words whether each one beats them.
+    """
+    if not cfg.compare_to:
+        return []
+    lab = cfg.label
+    by_label = well.set_index("label")
+    missing = [b for b in cfg.compare_to if b not in by_label.index]
+    if missing:
+        raise ConfigError(f"--compare-to {' '.join(missing)}: no such representation folder in {cfg.input_dir} "
+                          f"(found {', '.join(map(str, by_label.index))})")
+    lines = ["", "## Gains over the baselines", "",
+             f"Differences in mAP (representation minus baseline); positive means better. "
+             f"Baselines: {', '.join(cfg.compare_to)}.", "",
+             f"| label | baseline | {lab}_mAP gain | replicate_mAP gain | verdict |", "|---|---|---|---|---|"]
+    for name, row in by_label.iterrows():
+        if name in cfg.compare_to:
+            continue
+        for base in cfg.compare_to:
+            d_t = float(row[f"{lab}_mAP"]) - float(by_label.loc[base, f"{lab}_mAP"])
+            d_r = float(row["replicate_mAP"]) - float(by_label.loc[base, "replicate_mAP"])
+            verdict = ("undefined (a mAP is NaN, see the notes)" if not (np.isfinite(d_t) and np.isfinite(d_r))
+                       else "better on both" if d_t > 0 and d_r > 0 else "worse on both" if d_t < 0 and d_r < 0
+                       else f"better on {lab} only" if d_t > 0 else "better on replicate only" if d_r > 0
+                       else "no difference")
+            lines.append(f"| {name} | {base} | {d_t:+.3f} | {d_r:+.3f} | {verdict} |")
+    return lines
 
 
 def write_outputs(results: dict[str, RepResult], cfg: EvalConfig) -> list[Path]:

@@ -552,6 +552,48 @@ def _merge(table: pd.DataFrame, results: list[PlateResult], dim: int) -> tuple[p
     return pd.concat(wells, ignore_index=True), pd.concat(sites, ignore_index=True) if sites else pd.DataFrame()
 
 
+def normalise_wells(
+    wells: pd.DataFrame, feats: list[str], meta: list[str], method: str, control_query: str, args: argparse.Namespace
+) -> tuple[pd.DataFrame, list[str]]:
+    """One normalisation method with the run's scope, MAD reference and L2 flag (inference and the training probe)."""
+    return normalize_profiles(wells, feats, meta, method, control_query, scope=args.norm_scope,
+                              mad_reference=args.mad_reference, l2norm=args.l2norm)
+
+
+def drop_empty_wells(wells: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Wells whose every tile was invalid (all-NaN features) leave the table; returns the rest and who left."""
+    feats = [c for c in wells.columns if c.startswith("emb")]
+    nan_wells = wells[feats].isna().all(axis=1)
+    dropped = wells.loc[nan_wells, ["batch", "plate", "well"]].to_dict("records")
+    return wells.loc[~nan_wells].reset_index(drop=True), dropped
+
+
+def embed_profiles(
+    ctx: EmbedContext, table: pd.DataFrame, args: argparse.Namespace, channels: Sequence[str],
+    progress: tqdm | None = None,
+) -> pd.DataFrame:
+    """Every plate of ``table`` -> tiles -> wells -> one ``args.norm_method``, in memory (no parts, no files).
+
+    The training probe embeds its held-out plate with this, so it sees exactly what ``inference.py`` would write
+    to ``well_features.csv`` for the same weights and flags.
+    """
+    if args.norm_method == "all":
+        raise ConfigError("embed_profiles needs one --norm_method, not 'all'")
+    bar = progress if progress is not None else tqdm(total=len(table), disable=True)
+    results = [pool_plate(plate_table, embed_plate(ctx, plate_table, args, channels, bar), args)
+               for _, plate_table in table.groupby("plate", sort=False)]
+    dims = {r.well_emb.shape[1] for r in results if len(r.well_rows)}
+    wells, _ = _merge(table, results, dims.pop() if dims else 0)
+    wells, _ = drop_empty_wells(wells)
+    if wells.empty:
+        raise DataError("no well has a valid tile (no cells found by the cell rule)")
+    feats = [c for c in wells.columns if c.startswith("emb")]
+    meta = [c for c in wells.columns if c not in feats]
+    control_query = resolve_control_query(wells, args.controls, args.control_query)
+    norm, _ = normalise_wells(wells, feats, meta, args.norm_method, control_query, args)
+    return norm
+
+
 def _postprocess(
     wells: pd.DataFrame, args: argparse.Namespace, control_query: str, outdir: Path
 ) -> tuple[dict[str, Any], list[str]]:
@@ -562,10 +604,7 @@ def _postprocess(
     written: list[str] = []
     for method in tqdm(methods, desc="normalise", unit="method", disable=len(methods) == 1, leave=False):
         folder = outdir / method if args.norm_method == "all" else outdir
-        norm, kept = normalize_profiles(
-            wells, feats, meta, method, control_query, scope=args.norm_scope, mad_reference=args.mad_reference,
-            l2norm=args.l2norm,
-        )
+        norm, kept = normalise_wells(wells, feats, meta, method, control_query, args)
         agg = consensus(norm, kept, ["perturbation_id"], args.operation,
                         carry=("target", "control_type", "gene_group"))
         written += _write_table(agg, folder, "agg_features", args.parquet)
@@ -653,13 +692,11 @@ def _finish(
     if len(dims) > 1:
         raise DataError(f"{parts}: plates have different embedding sizes {sorted(dims)}; rerun without --resume")
     wells, sites = _merge(table, results, dims.pop() if dims else 0)
+    wells, dropped = drop_empty_wells(wells)
     feats = [c for c in wells.columns if c.startswith("emb")]
-    nan_wells = wells[feats].isna().all(axis=1)
-    dropped = wells.loc[nan_wells, ["batch", "plate", "well"]].to_dict("records")
     if dropped:
         warnings.warn(f"{len(dropped)} well(s) have no valid tile and are left out (listed in run.json)",
                       RuntimeWarning, stacklevel=2)
-    wells = wells.loc[~nan_wells].reset_index(drop=True)
     skipped = [s for rep in reports for s in rep["skipped_files"]]
     empty_sites = sum(rep["n_sites_without_valid_tiles"] for rep in reports)
     if empty_sites:

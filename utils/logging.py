@@ -19,6 +19,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _kept(record: dict[str, Any], first_epoch: int) -> bool:
+    """Whether a log.txt line survives a resume at ``first_epoch`` (see ``RunLogger.truncate_epochs``)."""
+    epoch = record.get("epoch", -1)
+    return epoch <= first_epoch if record.get("event") == "probe" else epoch < first_epoch
+
+
 class RunLogger:
     """TensorBoard scalars, a per-epoch JSON line in ``log.txt`` and ``hp.json``; silent on non-main ranks."""
 
@@ -55,11 +61,15 @@ class RunLogger:
                 self._writer.add_scalar(prefix + key, value, step)
 
     def truncate_epochs(self, first_epoch: int) -> None:
-        """Drop log lines of epochs that a resumed run will redo, so each epoch appears once."""
+        """Drop log lines of epochs that a resumed run will redo, so each epoch appears once.
+
+        A training line's ``epoch`` is the 0-based epoch it trained; a probe line's counts finished epochs (0 is
+        before the first step), so a run resumed at ``first_epoch`` keeps probes up to and including it.
+        """
         if not self.is_main or not self.log_path.exists():
             return
         kept = [line for line in self.log_path.read_text().splitlines() if line.strip()]
-        kept = [line for line in kept if json.loads(line).get("epoch", -1) < first_epoch]
+        kept = [line for line in kept if _kept(json.loads(line), first_epoch)]
         write_text_atomic(self.log_path, "".join(line + "\n" for line in kept))
 
     def log_epoch(self, record: dict[str, Any]) -> None:
@@ -75,6 +85,18 @@ class RunLogger:
                 value = _plain(value)
                 if key != "epoch" and isinstance(value, (int, float)):
                     self._writer.add_scalar("epoch/" + key, value, epoch)
+            self._writer.flush()
+
+    def log_probe(self, finished_epochs: int, values: dict[str, Any]) -> None:
+        """Append a probe line ``{"event": "probe", "epoch": finished epochs, ...}`` and TensorBoard ``probe/*``."""
+        if not self.is_main:
+            return
+        record = {"event": "probe", "epoch": int(finished_epochs), **{k: _plain(v) for k, v in values.items()}}
+        previous = self.log_path.read_text() if self.log_path.exists() else ""
+        write_text_atomic(self.log_path, previous + json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar("probe/" + key.removeprefix("probe_"), float(value), int(finished_epochs))
             self._writer.flush()
 
     def close(self) -> None:

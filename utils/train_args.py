@@ -66,7 +66,26 @@ def add_common(
     val.add_argument("--val_group", choices=tuple(VAL_GROUPS), default="well",
                      help="hold out whole wells (plate + well) or whole plates (default well)")
     val.add_argument("--val_every", type=int, default=1, help="validate every N epochs and after the last one")
+    learn = parser.add_argument_group("learning diagnostics")
+    learn.add_argument("--probe_csv", default=None,
+                       help="labelled site CSV (e.g. a held-out plate) embedded and scored during training: "
+                            "probe_target_map / probe_replicate_map in log.txt and TensorBoard, epoch 0 = random init")
+    learn.add_argument("--probe_every", type=int, default=1, help="probe every N finished epochs (and after the last)")
+    learn.add_argument("--probe_size", type=int, default=128, help="probe tile size in pixels (inference's --size)")
+    learn.add_argument("--probe_stride", type=int, default=None, help="probe tile stride (default: --probe_size)")
+    learn.add_argument("--probe_batch_size", type=int, default=8, help="probe sites per device batch")
+    learn.add_argument("--stop_on_collapse", action="store_true",
+                       help="end the run with an error when the collapse diagnostics stay collapsed (docs/LEARNING.md)")
+    learn.add_argument("--save_init", action="store_true",
+                       help="also write the weights before the first step (checkpoint0000.pth; MAE: "
+                            "checkpoint-0000.pth): the run's own random-initialisation baseline for inference")
     run = parser.add_argument_group("run")
+    run.add_argument("--preset", default=None,
+                     help="a documented recipe that sets this script's defaults (small_cpu; docs/LEARNING.md); "
+                          "flags given explicitly override it")
+    run.add_argument("--max_minutes", type=float, default=None,
+                     help="stop after the last epoch that fits in this wall-clock budget (checked after each epoch "
+                          "from the last epoch's duration); schedules keep their --epochs length")
     if output_dir is not None:
         run.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, hp.json and TensorBoard")
     run.add_argument("--seed", type=int, default=seed)
@@ -81,6 +100,16 @@ def add_common(
     run.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                      help="set by the deprecated torch.distributed.launch; torchrun uses LOCAL_RANK")
     run.add_argument("--dist_url", default="env://", help="only env:// (torchrun, launch, SLURM + MASTER_ADDR)")
+
+
+def _add_color_aug(parser: argparse.ArgumentParser) -> None:
+    """--color_aug: intensity jitter relative to each view's per-channel range (default) or the paper's absolute one."""
+    parser.add_argument(
+        "--color_aug", choices=("relative", "paper"), default="relative",
+        help="relative (default): brightness/offset/gamma jitter scaled by each view's own per-channel statistics; "
+        "paper: the paper's absolute shift U(-0.3, 0.3) and gamma U(0.5, 1.5) on raw [0, 1] intensities, which "
+        "blacks out or flattens dark Cell Painting views (see docs/LEARNING.md)",
+    )
 
 
 def dino_parser() -> argparse.ArgumentParser:
@@ -124,6 +153,7 @@ def dino_parser() -> argparse.ArgumentParser:
                    help="area fraction of the site for resized local crops; default: native crops")
     c.add_argument("--global_crops_size", type=int, default=224)
     c.add_argument("--local_crops_size", type=int, default=96)
+    _add_color_aug(c)
     add_common(p, path_df="data/JUMP_trainset.csv", seed=0, output_dir=".")
     p.add_argument("--saveckp_freq", type=int, default=10, help="also keep checkpoint{epoch:04}.pth every N epochs")
     return p
@@ -155,6 +185,7 @@ def mae_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     p.add_argument("--world_size", type=int, default=None, help="checked against the launcher's world size")
     _unsupported(p, "--dist_on_itp", "launch with torchrun or SLURM instead of OpenMPI/ITP", nargs=0)
+    _add_color_aug(p)
     add_common(p, path_df="data/JUMP_trainset.csv", seed=0, output_dir="./output_dir")
     p.add_argument("--saveckp_freq", type=int, default=20, help="also keep checkpoint-{epoch:04}.pth every N epochs")
     return p
@@ -182,6 +213,7 @@ def simclr_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_lr", type=float, default=1e-6, help="warm-up start and final lr")
     p.add_argument("--clip_grad", type=float, default=3.0, help="global gradient norm clip; 0 = off")
     p.add_argument("--drop_path_rate", type=float, default=0.0)
+    _add_color_aug(p)
     add_common(p, path_df="SSL_data/dataload/dataset.csv", seed=42, output_dir=None, val_fraction=0.2)
     return p
 
@@ -189,9 +221,46 @@ def simclr_parser() -> argparse.ArgumentParser:
 PARSERS = {"dino": dino_parser, "mae": mae_parser, "simclr": simclr_parser}
 
 
+# Documented recipes (docs/LEARNING.md): a preset sets defaults, and any flag given on the command line wins.
+# small_cpu is the recipe under which each method beats its own random initialisation on 256 px synthetic sites
+# within 10 minutes on 2 CPU cores (bench/bench_learning.py measures it).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "dino": {
+        "small_cpu": {
+            "arch": "vit_tiny", "batch_size_per_gpu": 32, "global_crops_size": 96, "local_crops_size": 48,
+            "local_crops_number": 4, "out_dim": 1024, "momentum_teacher": 0.99, "warmup_epochs": 2,
+            "warmup_teacher_temp_epochs": 2, "epochs": 30, "num_workers": 2, "probe_every": 5,
+        },
+    },
+    "mae": {
+        "small_cpu": {
+            "model": "vit_tiny", "batch_size": 32, "input_size": 96, "samples_per_image": 2, "norm_pix_loss": True,
+            "warmup_epochs": 2, "epochs": 30, "num_workers": 2, "probe_every": 5,
+        },
+    },
+    "simclr": {
+        "small_cpu": {
+            "arch": "vit_tiny", "batch_size": 64, "size": 96, "warmup_epochs": 2, "max_epochs": 30, "lr": 3e-4,
+            "num_workers": 2, "val_fraction": 0.0, "probe_every": 5,
+        },
+    },
+}
+
+
 def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse a script's flags and reject combinations that cannot work, with a message naming the fix."""
-    args = PARSERS[method]().parse_args(argv)
+    """Parse a script's flags and reject combinations that cannot work, with a message naming the fix.
+
+    ``--preset NAME`` first replaces the parser's defaults with the preset's values, then the command line is parsed
+    again, so explicit flags always win over the preset.
+    """
+    parser = PARSERS[method]()
+    args = parser.parse_args(argv)
+    if args.preset is not None:
+        presets = PRESETS[method]
+        if args.preset not in presets:
+            raise ConfigError(f"--preset {args.preset!r} is not a {method} preset; choose from {sorted(presets)}")
+        parser.set_defaults(**presets[args.preset])
+        args = parser.parse_args(argv)
     check_args(method, args)
     return args
 
@@ -233,6 +302,10 @@ def check_args(method: str, args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name} must be > 0, got {value}")
     if method == "mae" and not 0 <= args.mask_ratio < 1:
         raise ConfigError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise ConfigError(f"--max_minutes must be > 0, got {args.max_minutes}")
+    if args.probe_csv and not Path(args.probe_csv).is_file():
+        raise ConfigError(f"--probe_csv {args.probe_csv}: no such file")
     if not 0 <= args.val_fraction < 1:
         raise ConfigError(f"--val_fraction must be in [0, 1), got {args.val_fraction} (0 disables validation)")
     if args.val_every < 1:
@@ -296,6 +369,7 @@ def _dino_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         "local_crops_number": args.local_crops_number,
         "global_crops_scale": args.global_crops_scale,
         "local_crops_scale": args.local_crops_scale,
+        "color_mode": getattr(args, "color_aug", None),
     }
     precision = "fp16" if args.use_fp16 else args.precision
     return RunConfig(
@@ -329,7 +403,8 @@ def _mae_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         weight_decay=args.weight_decay, weight_decay_end=args.weight_decay,
         clip_grad=args.clip_grad, clip_mode="global", betas=(0.9, 0.95), optimizer="adamw",
         ckpt_every=args.saveckp_freq, ckpt_pattern="checkpoint-{epoch:04}.pth",
-        recipe="mae", recipe_overrides={"samples_per_image": args.samples_per_image, "size": args.input_size},
+        recipe="mae", recipe_overrides={"samples_per_image": args.samples_per_image, "size": args.input_size,
+                          "color_mode": getattr(args, "color_aug", None)},
         intensity=args.intensity or "paper_multisource", model_args=model_args,
         tb_dir=Path(args.log_dir) if args.log_dir else None, start_epoch=args.start_epoch, pin_mem=args.pin_mem,
         precision=args.precision,
@@ -347,7 +422,8 @@ def _simclr_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         weight_decay=args.wd, weight_decay_end=args.wd,
         clip_grad=args.clip_grad, clip_mode="global", betas=(0.9, 0.999), optimizer="adamw",
         ckpt_every=args.every_n_epochs, ckpt_pattern="checkpoint{epoch:04}.pth",
-        recipe="simclr", recipe_overrides={"size": args.size, "scale": args.scale},
+        recipe="simclr", recipe_overrides={"size": args.size, "scale": args.scale,
+                          "color_mode": getattr(args, "color_aug", None)},
         intensity=args.intensity or "paper_train", model_args=plain_args(args), precision=args.precision,
     )
 

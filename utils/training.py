@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +20,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from models.checkpoints import save_checkpoint
 from utils import distributed
-from utils.errors import CheckpointError, ConfigError, DivergenceError
+from utils.collapse import CollapseMonitor
+from utils.errors import CheckpointError, CollapseError, ConfigError, DivergenceError
 from utils.fileio import write_json_atomic
 from utils.logging import RunLogger
+from utils.probe import Probe, ProbeConfig, better, run_probe
 from utils.schedules import cosine_schedule, linear_warmup_constant
 from utils.seeding import sample_seed, seed_everything
 from utils.train_args import RunConfig, plain_args, resolve_config
+
+BEST_PROBE_CKPT = "checkpoint_best_probe.pth"
+BEST_PROBE_JSON = "best_probe.json"
 
 
 @dataclass
@@ -290,17 +298,20 @@ def load_intensity_norm(cfg: RunConfig, channels: list[str]) -> Any:
 
 
 class _Meter:
-    """Running sums for the epoch summary, kept on the device so steps never wait for the host."""
+    """Running sums for the epoch summary, kept on the device so steps never wait for the host.
+
+    Each key has its own count: the effective rank, for one, is only computed on the logged steps.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, Any] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
 
     def add(self, values: dict[str, Any]) -> None:
-        self.count += 1
         for k, v in values.items():
             v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def means(self, device: torch.device) -> dict[str, float]:
         """Mean over this rank's steps, averaged over ranks (one sync per epoch)."""
@@ -308,7 +319,7 @@ class _Meter:
             return {}
         keys = sorted(self.sums)
         vec = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=device).reshape(())
-                           for k in keys]) / max(self.count, 1)
+                           / self.counts[k] for k in keys])
         vec = distributed.all_reduce_mean(vec) if distributed.is_distributed() else vec
         return dict(zip(keys, vec.cpu().tolist()))
 
@@ -384,7 +395,7 @@ class Stepper:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.after_step(state)
-        return {"loss": loss.detach(), **logs, **values, "grad_norm": grad_norm}
+        return {"loss": loss.detach(), **logs, **values, "grad_norm": grad_norm, **self.model.collapse_stats()}
 
 
 def _train_process(method: str, args: argparse.Namespace, gpus: list[int] | None) -> Path:
@@ -417,6 +428,7 @@ class _Run:
 def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> Path:
     """Set up data, model, optimizer and logging, resume if a checkpoint exists, then train epoch by epoch."""
     cfg = resolve_config(method, args, info.world_size)
+    probe_cfg = probe_config(args)  # bad probe flags fail before any data is read
     device = info.device
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
@@ -472,28 +484,103 @@ def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> P
 
     run = _Run(method, cfg, args, info, loader, sampler, dataset, stepper, build_schedules(cfg, steps_per_epoch),
                logger, iters, steps_per_epoch, validator)
+
+    probe = Probe(probe_cfg, method, tuple(args.channels), norm, device) if probe_cfg and info.is_main else None
+    best = read_best_probe(cfg.output_dir) if resume_path is not None else None
+    state_at = lambda done: checkpoint_state(cfg, model, optimizer, scaler, done, done * steps_per_epoch, args, norm)
+    if start_epoch == 0 and args.save_init and info.is_main:  # the run's own random-initialisation baseline
+        save_checkpoint(cfg.output_dir / cfg.ckpt_pattern.format(epoch=0), state_at(0))
+    if probe_cfg is not None and start_epoch == 0:
+        best = probe_epoch(run, probe, 0, best, state_at)
+    monitor = CollapseMonitor(method)
     t_run, last = time.perf_counter(), {}
+    end_epoch = cfg.epochs
     for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.perf_counter()
         last = train_one_epoch(run, epoch)
         if validator is not None and ((epoch + 1) % args.val_every == 0 or epoch + 1 == cfg.epochs):
             last |= validate(run, epoch)
+        warning = monitor.update(last)
+        last["collapsed"] = warning is not None
         logger.log_epoch(last)
+        finished = epoch + 1
         if info.is_main:
-            finished = epoch + 1
-            _save(checkpoint_state(cfg, model, optimizer, scaler, finished, finished * steps_per_epoch, args, norm),
-                  cfg.output_dir, cfg, finished)
+            _save(state_at(finished), cfg.output_dir, cfg, finished)
+        out_of_time = over_budget(args.max_minutes, time.perf_counter() - t_run, time.perf_counter() - t_epoch,
+                                  info) and finished < cfg.epochs
+        if probe_cfg is not None and (probe_cfg.due(finished, cfg.epochs) or out_of_time):
+            best = probe_epoch(run, probe, finished, best, state_at)
         distributed.barrier()
+        if warning is not None:
+            if args.stop_on_collapse:
+                logger.close()
+                raise CollapseError(f"--stop_on_collapse: {warning} (checkpoint of epoch {finished} kept)")
+            if info.is_main:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        if out_of_time:
+            end_epoch = finished
+            if info.is_main:
+                print(f"{method}: --max_minutes {args.max_minutes:g} reached after epoch {finished} of {cfg.epochs}; "
+                      f"checkpoint {cfg.output_dir / 'checkpoint.pth'} resumes from here", flush=True)
+            break
     logger.close()
     _check_replicas(model, info, cfg.output_dir)
     if info.is_main:
         total = time.perf_counter() - t_run
-        seen = (cfg.epochs - start_epoch) * iters * cfg.batch_per_gpu * info.world_size
+        seen = (end_epoch - start_epoch) * iters * cfg.batch_per_gpu * info.world_size
         loss_txt = f"{last['train_loss']:.4f}" if last else "n/a (nothing left to train)"
         if "val_loss" in last:
             loss_txt += f", validation loss {last['val_loss']:.4f}"
-        print(f"{method} done: epochs {start_epoch}->{cfg.epochs}, final loss {loss_txt}, "
+        print(f"{method} done: epochs {start_epoch}->{end_epoch}, final loss {loss_txt}, "
               f"{seen / max(total, 1e-9):.1f} img/s, {total:.1f} s, checkpoint {cfg.output_dir / 'checkpoint.pth'}")
     return cfg.output_dir
+
+
+def over_budget(max_minutes: float | None, elapsed: float, last_epoch: float, info: distributed.DistInfo) -> bool:
+    """Whether another epoch as long as the last one would overrun ``--max_minutes`` (rank 0 decides for all)."""
+    if max_minutes is None:
+        return False
+    decision = torch.tensor(float(elapsed + last_epoch > 60.0 * max_minutes), device=info.device)
+    if distributed.is_distributed():
+        torch.distributed.broadcast(decision, src=0)
+    return bool(decision.item())
+
+
+def probe_config(args: argparse.Namespace) -> ProbeConfig | None:
+    """The probe settings of ``--probe_csv`` and friends, validated on every rank; None without ``--probe_csv``."""
+    if not args.probe_csv:
+        return None
+    return ProbeConfig(Path(args.probe_csv), args.probe_every, args.probe_size, args.probe_stride,
+                       args.probe_batch_size, args.image_root)
+
+
+def read_best_probe(out_dir: Path) -> dict[str, float] | None:
+    """The best probe so far of a run being resumed (best_probe.json), so a resume keeps the right best checkpoint."""
+    path = out_dir / BEST_PROBE_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc}); delete it to restart the best-probe bookkeeping") from None
+
+
+def probe_epoch(
+    run: _Run, probe: Probe | None, finished: int, best: dict[str, float] | None, state_at: Any
+) -> dict[str, float] | None:
+    """Probe after ``finished`` epochs (0: before the first step), log it, keep checkpoint_best_probe.pth."""
+    result = run_probe(probe, run.stepper.model, run.info)
+    run.logger.log_probe(finished, result)
+    if not run.info.is_main:
+        return best if not better(result, best) else {"epoch": finished, **result}
+    init = "" if finished else " (random initialisation)"
+    print(f"{run.method} probe after {finished} epoch(s){init}: target mAP {result['probe_target_map']:.4f}, "
+          f"replicate mAP {result['probe_replicate_map']:.4f} ({result['probe_seconds']:.1f} s)", flush=True)
+    if better(result, best):
+        best = {"epoch": finished, **result}
+        save_checkpoint(run.cfg.output_dir / BEST_PROBE_CKPT, state_at(finished))
+        write_json_atomic(run.cfg.output_dir / BEST_PROBE_JSON, best)
+    return best
 
 
 def train_one_epoch(run: _Run, epoch: int) -> dict[str, Any]:
@@ -530,8 +617,11 @@ def _run_epoch_steps(run: _Run, epoch: int, bar: tqdm, meter: _Meter, t_epoch: f
         bar.update(1)
         if logs is None:
             continue
+        log_now = step % max(run.args.log_every, 1) == 0 or it == run.iters - 1
+        if log_now and "embed_std" in logs:  # the SVD of the effective rank only on logged steps
+            logs["embed_rank"] = run.stepper.model.collapse_stats(with_rank=True)["embed_rank"]
         meter.add(logs)
-        if step % max(run.args.log_every, 1) == 0 or it == run.iters - 1:
+        if log_now:
             host = _host(logs)
             if not math.isfinite(host["loss"]):
                 raise DivergenceError(f"{run.method}: loss is {host['loss']} at epoch {epoch} iteration {it}; "
@@ -590,8 +680,6 @@ def rank_digests(model: nn.Module) -> list[str]:
 
 def _save(ckpt: dict[str, Any], out_dir: Path, cfg: RunConfig, finished: int) -> None:
     """checkpoint.pth every epoch; the numbered file every ``ckpt_every`` finished epochs and at the end."""
-    from models.checkpoints import save_checkpoint
-
     save_checkpoint(out_dir / "checkpoint.pth", ckpt)
     if (cfg.ckpt_every > 0 and finished % cfg.ckpt_every == 0) or finished == cfg.epochs:
         save_checkpoint(out_dir / cfg.ckpt_pattern.format(epoch=finished), ckpt)
