@@ -3,10 +3,10 @@
     python bench/bench_learning.py --method dino --minutes 10 --seed 0 --out bench_out/learning/dino_s0
 
 From the seed: six synthetic 256 px plates in two batches (64 wells, 2 sites each); plates 1-4 train, plates 5-6
-(one per batch, sharing compounds through their replicates) are the probe. The run uses ``--preset small_cpu``
-with ``--probe_csv`` and ``--max_minutes``, so the probe at epoch 0 is the method's own random initialisation,
-measured on the same plates with the same pipeline. The cp-measure handcrafted baseline is scored on the same probe
-wells with the same mAP. Writes ``OUT/learning.json``:
+(one per batch, sharing compounds through their replicates; 256 sites) are the probe. The run
+uses ``--preset small_cpu`` with ``--probe_csv`` and ``--max_minutes``, so the probe at epoch 0 is the method's own
+random initialisation, measured on the same plates with the same pipeline. The cp-measure handcrafted baseline is
+scored on the same probe wells with the same mAP. Writes ``OUT/learning.json``:
 ``{method, epochs, collapsed, probe: [{epoch, target_map, replicate_map}, ...], handcrafted: {target_map,
 replicate_map}, ...}`` and prints the final probe against epoch 0 (the in-process reference) and the handcrafted
 features. ``bench/plot_learning.py`` draws the curves of several runs.
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from datetime import date
@@ -44,6 +45,7 @@ def make_plates(folder: Path, seed: int) -> tuple[Path, Path]:
     stamp = folder / "bench_plates.json"
     wanted = {**PLATES, "seed": seed}
     if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted and probe_csv.is_file()):
+        shutil.rmtree(folder / "handcrafted", ignore_errors=True)  # scored on the old probe sites
         generate_plates(folder, **PLATES, seed=seed, layout="merged", workers=max(1, min(2, os.cpu_count() or 1)),
                         progress=True)
         table = pd.read_csv(folder / "dataset.csv")
@@ -100,6 +102,10 @@ def summarise(method: str, out: Path, handcrafted: dict[str, float], flags: list
         "gain_target_map": final["target_map"] - first["target_map"],
         "gain_replicate_map": final["replicate_map"] - first["replicate_map"],
         "best_target_map": max(p["target_map"] for p in curve),
+        "probe_seconds": round(sum(float(p["probe_seconds"]) for p in probes), 1),
+        "train_seconds": round(sum(float(r["epoch_time_s"]) for r in train_records), 1),
+        "probe_cost_fraction": round(sum(float(p["probe_seconds"]) for p in probes[1:])
+                                     / max(sum(float(r["epoch_time_s"]) for r in train_records), 1e-9), 3),
         "final_embed_std_ratio": train_records[-1].get("train_embed_std_ratio") if train_records else None,
         "flags": flags, "plates": {**PLATES, "probe_plates": PROBE_PLATES}, "seconds": round(seconds, 1),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -129,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_learning {opts.method} seed {opts.seed}: {result['epochs']} epochs in "
           f"{result['seconds'] / 60:.1f} min; probe target mAP {final['target_map']:.3f} vs random init "
           f"{first['target_map']:.3f} (gain {result['gain_target_map']:+.3f}, ratio "
-          f"{final['target_map'] / max(first['target_map'], 1e-12):.2f}), replicate mAP {final['replicate_map']:.3f} vs "
-          f"{first['replicate_map']:.3f}; handcrafted {handcrafted['target_map']:.3f} / "
+          f"{final['target_map'] / max(first['target_map'], 1e-12):.2f}), replicate mAP "
+          f"{final['replicate_map']:.3f} vs {first['replicate_map']:.3f}; probes {result['probe_cost_fraction']:.0%} "
+          f"of training time; handcrafted {handcrafted['target_map']:.3f} / "
           f"{handcrafted['replicate_map']:.3f}; collapsed {result['collapsed']}; total "
           f"{time.perf_counter() - t0:.0f} s -> {out / 'learning.json'}")
     return 0

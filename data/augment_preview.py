@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cpu")
     table = load_table(targs)
     recipe = build_recipe(cfg)
-    norm = load_intensity_norm(cfg, list(targs.channels))
+    norm = load_intensity_norm(cfg, list(targs.channels), table, targs.seed)
     pipeline = ViewPipeline(recipe, norm, device)
     dataset = TrainCropDataset(table, recipe, channels=tuple(targs.channels), seed=targs.seed)
     order = np.random.default_rng(targs.seed).permutation(len(dataset))

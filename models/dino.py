@@ -143,6 +143,18 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser (Sablayrolles et al. 2019; DINOv2): -mean log distance of each L2-normalised row to its
+    nearest other row, which pushes a batch's features apart and so counters their drift towards one point."""
+    with torch.autocast(features.device.type, enabled=False):
+        x = F.normalize(features.float(), dim=-1)
+        sim = x @ x.T
+        sim.fill_diagonal_(-2.0)
+        nearest = sim.argmax(dim=1)
+        dist = (x - x[nearest]).norm(dim=-1)
+        return -torch.log(dist + eps).mean()
+
+
 class _Teacher(nn.Module):
     """Backbone + head under the paper's teacher key names (``backbone.*``, ``head.*``)."""
 
@@ -175,6 +187,7 @@ class DINO(SSLMethod):
         temp_schedule: np.ndarray,
         n_global_crops: int = 2,
         freeze_last_layer: int = 1,
+        koleo_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -187,6 +200,7 @@ class DINO(SSLMethod):
         self.temp_schedule = np.asarray(temp_schedule, dtype=np.float64)
         self.n_global_crops = n_global_crops
         self.freeze_last_layer = freeze_last_layer
+        self.koleo_weight = float(koleo_weight)
 
     @classmethod
     def build(cls, args: dict[str, Any], in_chans: int) -> DINO:
@@ -223,6 +237,7 @@ class DINO(SSLMethod):
             schedule,
             n_global_crops=int(args.get("global_crops_number", 2)),
             freeze_last_layer=int(args.get("freeze_last_layer", 3)),
+            koleo_weight=float(args.get("koleo_weight") or 0.0),
         )
         if args.get("use_bn_in_head") and dist.is_available() and dist.is_initialized():
             model.head = nn.SyncBatchNorm.convert_sync_batchnorm(model.head)  # same keys; stats over all ranks
@@ -236,9 +251,10 @@ class DINO(SSLMethod):
         epoch = min(int(state.get("epoch", 0)), len(self.temp_schedule) - 1)
         return float(self.temp_schedule[epoch])
 
-    def _student(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _student(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student logits of every view, and the backbone features of the first resolution group (the globals)."""
         feats = [self.backbone(group) for group in _resolution_groups(views)]
-        return self.head(torch.cat(feats) if len(feats) > 1 else feats[0])
+        return self.head(torch.cat(feats) if len(feats) > 1 else feats[0]), feats[0]
 
     def forward(self, views: list[torch.Tensor], state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """views[0] holds the global crops (teacher and student); later specs are student-only local crops."""
@@ -257,10 +273,16 @@ class DINO(SSLMethod):
             teacher_feat = self.teacher.backbone(views[0])
             teacher_out = self.teacher.head(teacher_feat)
         center = self.dino_loss.center.detach().clone()  # the loss updates it in place
-        student_out = self._student(views)
+        student_out, student_feat = self._student(views)
         loss = self.dino_loss(student_out, teacher_out, temp, self.n_global_crops)
         self.record_embedding(teacher_feat, **dino_stats(teacher_out, center, temp, loss))
-        return loss, {"teacher_temp": temp}
+        logs: dict[str, Any] = {"teacher_temp": temp}
+        if self.koleo_weight > 0:
+            koleo = sum(koleo_loss(chunk) for chunk in student_feat[: batch * self.n_global_crops].chunk(
+                self.n_global_crops)) / self.n_global_crops
+            loss = loss + self.koleo_weight * koleo
+            logs["koleo"] = koleo.detach()
+        return loss, logs
 
     def inference_backbone(self) -> nn.Module:
         """Inference embeds with the teacher (the paper's and DINO's choice)."""

@@ -262,3 +262,31 @@ def test_probe_under_torchrun_is_computed_once(plates: dict[str, Path], tmp_path
     assert [r["epoch"] for r in lines if r.get("event") == "probe"] == [0, 1, 2]
     assert proc.stdout.count("probe after 1 epoch(s)") == 1
     assert json.loads((out / "rank_weights.json").read_text())["identical"]
+
+
+def test_koleo_matches_brute_force_nearest_neighbour() -> None:
+    from models.dino import koleo_loss
+
+    x = torch.randn(9, 5, generator=torch.Generator().manual_seed(4))
+    unit = x / x.norm(dim=1, keepdim=True)
+    nearest = [min(float((unit[i] - unit[j]).norm()) for j in range(9) if j != i) for i in range(9)]
+    assert float(koleo_loss(x)) == pytest.approx(-float(np.mean(np.log(nearest))), rel=1e-5)
+    spread = koleo_loss(torch.eye(4))
+    bunched = koleo_loss(torch.eye(4) + 5.0)
+    assert float(spread) < float(bunched)  # features closer together cost more
+
+
+def test_bad_learning_flags_are_one_line_errors(tmp_path: Path) -> None:
+    from utils.errors import ConfigError
+    from utils.train_args import parse_args
+    from utils.training import probe_config
+
+    with pytest.raises(ConfigError, match="--probe_csv .*: no such file"):
+        parse_args("dino", ["--probe_csv", str(tmp_path / "missing.csv")])
+    with pytest.raises(ConfigError, match="--max_minutes must be > 0"):
+        parse_args("mae", ["--max_minutes", "0"])
+    csv = tmp_path / "probe.csv"
+    csv.write_text("x\n")
+    with pytest.raises(ConfigError, match="--probe_every must be >= 1"):
+        probe_config(parse_args("dino", ["--probe_csv", str(csv), "--probe_every", "0"]))
+    assert probe_config(parse_args("dino", [])) is None

@@ -55,7 +55,8 @@ def add_common(
     data.add_argument("--channels", nargs="+", default=list(DEFAULT_CHANNELS), help="channel names, in file order")
     data.add_argument(
         "--intensity", default=None, help="intensity normalisation: a preset name (paper_train, paper_multisource, "
-        "paper_default) or a stats.json; stored in the checkpoint (default: the constants the paper trained with)"
+        "paper_default), a stats.json, or 'dataset' (statistics of 200 sites of --path_df, computed at start); "
+        "stored in the checkpoint (default: the constants the paper trained with)"
     )
     data.add_argument("--num_workers", type=int, default=6, help="DataLoader workers per process")
     _unsupported(data, "--data_path", "the paper never read it; give the dataset CSV with --path_df (and --image_root)")
@@ -110,6 +111,24 @@ def _add_color_aug(parser: argparse.ArgumentParser) -> None:
         "paper: the paper's absolute shift U(-0.3, 0.3) and gamma U(0.5, 1.5) on raw [0, 1] intensities, which "
         "blacks out or flattens dark Cell Painting views (see docs/LEARNING.md)",
     )
+    parser.add_argument("--aug_shift", type=float, default=None,
+                        help="per-channel offset range: in units of the view's std with --color_aug relative "
+                        "(default 0.5), absolute on [0, 1] with paper (default 0.3); 0 = off")
+    parser.add_argument("--aug_brightness", type=float, default=None,
+                        help="relative mode: per-channel multiplicative jitter U(1-a, 1+a) (default 0.2); 0 = off")
+    parser.add_argument("--aug_gamma", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="per-channel gamma range (default 0.8 1.25 relative, 0.5 1.5 paper); 1 1 = off")
+
+
+def _color_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The --color_aug / --aug_* flags as GpuAugment options for the recipe (None = the mode's default)."""
+    gamma = getattr(args, "aug_gamma", None)
+    return {
+        "color_mode": getattr(args, "color_aug", None),
+        "shift": getattr(args, "aug_shift", None),
+        "brightness": getattr(args, "aug_brightness", None),
+        "gamma": tuple(gamma) if gamma is not None else None,
+    }
 
 
 def dino_parser() -> argparse.ArgumentParser:
@@ -129,6 +148,9 @@ def dino_parser() -> argparse.ArgumentParser:
     m.add_argument("--warmup_teacher_temp_epochs", type=int, default=20)
     m.add_argument("--loss", default="dino", choices=("dino", "mi"), help="only dino is implemented")
     m.add_argument("--drop_path_rate", type=float, default=0.1)
+    m.add_argument("--koleo_weight", type=float, default=0.0,
+                   help="weight of the KoLeo regulariser on the student's global-view features (DINOv2 uses 0.1); "
+                        "it keeps them spread when small data pulls DINO towards the uniform solution")
     m.add_argument("--head_hidden_dim", type=int, default=2048, help="DINO head MLP width")
     m.add_argument("--head_bottleneck_dim", type=int, default=256, help="DINO head bottleneck before the last layer")
     t = p.add_argument_group("training")
@@ -228,20 +250,23 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "dino": {
         "small_cpu": {
             "arch": "vit_tiny", "batch_size_per_gpu": 32, "global_crops_size": 96, "local_crops_size": 48,
-            "local_crops_number": 4, "out_dim": 1024, "momentum_teacher": 0.99, "warmup_epochs": 2,
-            "warmup_teacher_temp_epochs": 2, "epochs": 30, "num_workers": 2, "probe_every": 5,
+            "local_crops_number": 4, "out_dim": 1024, "intensity": "dataset", "lr": 0.0005,
+            "momentum_teacher": 0.996, "warmup_teacher_temp": 0.02, "teacher_temp": 0.04,
+            "warmup_teacher_temp_epochs": 4, "freeze_last_layer": 1, "koleo_weight": 0.1, "epochs": 30,
+            "warmup_epochs": 2, "num_workers": 2, "probe_every": 5,
         },
     },
     "mae": {
         "small_cpu": {
-            "model": "vit_tiny", "batch_size": 32, "input_size": 96, "samples_per_image": 2, "norm_pix_loss": True,
-            "warmup_epochs": 2, "epochs": 30, "num_workers": 2, "probe_every": 5,
+            "model": "vit_tiny", "batch_size": 64, "input_size": 96, "samples_per_image": 1, "norm_pix_loss": True,
+            "intensity": "dataset", "blr": 1.5e-3, "epochs": 20, "warmup_epochs": 2, "num_workers": 2,
+            "probe_every": 10,
         },
     },
     "simclr": {
         "small_cpu": {
-            "arch": "vit_tiny", "batch_size": 64, "size": 96, "warmup_epochs": 2, "max_epochs": 30, "lr": 3e-4,
-            "num_workers": 2, "val_fraction": 0.0, "probe_every": 5,
+            "arch": "vit_tiny", "batch_size": 64, "size": 96, "intensity": "dataset", "lr": 5e-4, "temperature": 0.1,
+            "max_epochs": 30, "warmup_epochs": 2, "num_workers": 2, "val_fraction": 0.0, "probe_every": 8,
         },
     },
 }
@@ -369,7 +394,7 @@ def _dino_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         "local_crops_number": args.local_crops_number,
         "global_crops_scale": args.global_crops_scale,
         "local_crops_scale": args.local_crops_scale,
-        "color_mode": getattr(args, "color_aug", None),
+        **_color_overrides(args),
     }
     precision = "fp16" if args.use_fp16 else args.precision
     return RunConfig(
@@ -404,7 +429,7 @@ def _mae_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         clip_grad=args.clip_grad, clip_mode="global", betas=(0.9, 0.95), optimizer="adamw",
         ckpt_every=args.saveckp_freq, ckpt_pattern="checkpoint-{epoch:04}.pth",
         recipe="mae", recipe_overrides={"samples_per_image": args.samples_per_image, "size": args.input_size,
-                          "color_mode": getattr(args, "color_aug", None)},
+                          **_color_overrides(args)},
         intensity=args.intensity or "paper_multisource", model_args=model_args,
         tb_dir=Path(args.log_dir) if args.log_dir else None, start_epoch=args.start_epoch, pin_mem=args.pin_mem,
         precision=args.precision,
@@ -423,7 +448,7 @@ def _simclr_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         clip_grad=args.clip_grad, clip_mode="global", betas=(0.9, 0.999), optimizer="adamw",
         ckpt_every=args.every_n_epochs, ckpt_pattern="checkpoint{epoch:04}.pth",
         recipe="simclr", recipe_overrides={"size": args.size, "scale": args.scale,
-                          "color_mode": getattr(args, "color_aug", None)},
+                          **_color_overrides(args)},
         intensity=args.intensity or "paper_train", model_args=plain_args(args), precision=args.precision,
     )
 

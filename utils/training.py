@@ -32,6 +32,7 @@ from utils.seeding import sample_seed, seed_everything
 from utils.train_args import RunConfig, plain_args, resolve_config
 
 BEST_PROBE_CKPT = "checkpoint_best_probe.pth"
+DATASET_INTENSITY = "dataset"
 BEST_PROBE_JSON = "best_probe.json"
 
 
@@ -283,10 +284,23 @@ def find_resume(args: argparse.Namespace, out_dir: Path) -> Path | None:
     return None
 
 
-def load_intensity_norm(cfg: RunConfig, channels: list[str]) -> Any:
-    """The --intensity preset or stats.json, reordered to --channels (every channel needs statistics)."""
+def load_intensity_norm(cfg: RunConfig, channels: list[str], table: Any = None, seed: int = 0,
+                        progress: bool = False) -> Any:
+    """The --intensity preset or stats.json, reordered to --channels (every channel needs statistics).
+
+    ``dataset`` computes the statistics of 200 seeded sites of the training table itself (``data.stats``), the same
+    on every rank; they go into the checkpoint, so inference standardises with them too. The paper's constants fit
+    only the paper's images (docs/LEARNING.md, cause 2).
+    """
     from data.intensity import get_intensity_norm
 
+    if cfg.intensity == DATASET_INTENSITY:
+        from data.stats import dataset_intensity_norm
+
+        if table is None:
+            raise ConfigError("--intensity dataset needs the training site table")
+        return dataset_intensity_norm(table, channels, n_sites=200, seed=seed, workers=2, name="dataset",
+                                      progress=progress)[0]
     norm = get_intensity_norm(cfg.intensity)
     if tuple(norm.channels) != tuple(channels):
         missing = sorted(set(channels) - set(norm.channels))
@@ -433,8 +447,8 @@ def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> P
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     precision = resolve_precision(cfg.precision, device)
-    norm = load_intensity_norm(cfg, list(args.channels))
     table = load_table(args)
+    norm = load_intensity_norm(cfg, list(args.channels), table, args.seed, info.is_main)
     split = None
     if args.val_fraction > 0:
         from utils.validation import split_sites
