@@ -284,7 +284,8 @@ class GpuAugment(nn.Module):
         gamma = defaults["gamma"] if gamma is None else gamma
         brightness = defaults["brightness"] if brightness is None else float(brightness)
         if color_mode == "paper" and brightness != 0.0:
-            raise ConfigError("brightness only applies to color_mode='relative' (the paper has no multiplicative jitter)")
+            raise ConfigError("brightness only applies to color_mode='relative' "
+                              "(the paper has no multiplicative jitter)")
         if not 0.0 <= brightness < 1.0:
             raise ConfigError(f"brightness={brightness!r} must be in [0, 1)")
         self.brightness = brightness

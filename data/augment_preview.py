@@ -16,7 +16,6 @@ standardisation).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.fileio import write_json_atomic
+from utils.fileio import atomic_path, write_json_atomic
 
 # Mito -> red, AGP -> red/green, RNA -> green, ER -> green/blue, DNA -> blue: a fixed 5 -> RGB mixing for composites
 _MIX = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]])
 
 
 def _channel_stats(x: torch.Tensor, names: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Per channel of (N, C, h, w): pooled mean/std, mean per-view spatial std, and how many views are flat/saturated."""
+    """Per channel of (N, C, h, w): pooled mean/std, mean per-view spatial std, how many views are flat/saturated."""
     x = x.detach().double()
     flat = x.flatten(2)  # N, C, P
     view_std = flat.std(dim=2, unbiased=False)  # N, C
@@ -103,7 +102,9 @@ def _save_grid(groups: list[dict[str, Any]], names: Sequence[str], path: Path, t
             r += 1
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    for ext in ("png", "pdf"):
+        with atomic_path(path.with_suffix(f".{ext}")) as tmp:
+            fig.savefig(tmp, format=ext, dpi=80)
     plt.close(fig)
 
 

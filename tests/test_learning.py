@@ -228,8 +228,8 @@ def test_preset_sets_defaults_and_flags_win() -> None:
 
 
 def test_gains_table_names_sign_and_verdict(tmp_path: Path) -> None:
-    from utils.evaluation import EvalConfig, gains_markdown
     from utils.errors import ConfigError
+    from utils.evaluation import EvalConfig, gains_markdown
 
     well = pd.DataFrame({"label": ["DINO", "Random", "CellProfiler"], "target_mAP": [0.30, 0.20, 0.40],
                          "replicate_mAP": [0.50, 0.55, 0.45]})
@@ -290,3 +290,15 @@ def test_bad_learning_flags_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--probe_every must be >= 1"):
         probe_config(parse_args("dino", ["--probe_csv", str(csv), "--probe_every", "0"]))
     assert probe_config(parse_args("dino", [])) is None
+
+
+def test_augment_preview_writes_views_and_stats(plates: dict[str, Path], tmp_path: Path) -> None:
+    """The view-inspection tool draws training views as a run does and reports their statistics."""
+    from data.augment_preview import main
+
+    out = tmp_path / "preview"
+    assert main(["--path_df", str(plates["train"]), "--method", "simclr", "--out", str(out), "--batches", "1",
+                 "--batch", "4", "--show", "2", "--arch", "vit_debug_patch8", "--size", "32"]) == 0
+    assert (out / "views.png").stat().st_size > 0 and (out / "views.pdf").stat().st_size > 0
+    stats = json.loads((out / "view_stats.json").read_text())
+    assert stats
