@@ -23,7 +23,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# The whole pipeline on synthetic plates, sized for a CPU laptop (about 5 minutes on 2 cores):
+# The whole pipeline on synthetic plates, sized for a CPU laptop (about 3 minutes on 2 cores):
 # plates -> DINO/MAE/SimCLR training (the small_cpu recipes of docs/LEARNING.md, shortened) -> tiled inference ->
 # handcrafted baseline -> evaluation. "Random" is DINO's own weights before its first step (--save_init), the
 # baseline every trained model has to beat; summary.md states each method's gain over Random and CellProfiler.
