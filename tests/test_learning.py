@@ -302,3 +302,16 @@ def test_augment_preview_writes_views_and_stats(plates: dict[str, Path], tmp_pat
     assert (out / "views.png").stat().st_size > 0 and (out / "views.pdf").stat().st_size > 0
     stats = json.loads((out / "view_stats.json").read_text())
     assert stats
+
+
+def test_unknown_compare_to_fails_before_any_output(tmp_path: Path) -> None:
+    from utils.errors import ConfigError
+    from utils.evaluation import EvalConfig, run_evaluation
+
+    folder = tmp_path / "emb" / "A"
+    folder.mkdir(parents=True)
+    pd.DataFrame({"perturbation_id": ["x", "x"], "batch": ["b", "b"], "well": ["A01", "A02"], "target": ["t", "t"],
+                  "emb0": [0.0, 1.0]}).to_csv(folder / "well_features.csv", index=False)
+    with pytest.raises(ConfigError, match="--compare-to Nope: no such representation folder"):
+        run_evaluation(EvalConfig(input_dir=tmp_path / "emb", out_dir=tmp_path / "out", compare_to=("Nope",)))
+    assert not (tmp_path / "out").exists()

@@ -444,10 +444,7 @@ def gains_markdown(well: pd.DataFrame, cfg: EvalConfig) -> list[str]:
         return []
     lab = cfg.label
     by_label = well.set_index("label")
-    missing = [b for b in cfg.compare_to if b not in by_label.index]
-    if missing:
-        raise ConfigError(f"--compare-to {' '.join(missing)}: no such representation folder in {cfg.input_dir} "
-                          f"(found {', '.join(map(str, by_label.index))})")
+    check_compare_to(cfg, list(by_label.index))
     lines = ["", "## Gains over the baselines", "",
              f"Differences in mAP (representation minus baseline); positive means better. "
              f"Baselines: {', '.join(cfg.compare_to)}.", "",
@@ -464,6 +461,14 @@ def gains_markdown(well: pd.DataFrame, cfg: EvalConfig) -> list[str]:
                        else "no difference")
             lines.append(f"| {name} | {base} | {d_t:+.3f} | {d_r:+.3f} | {verdict} |")
     return lines
+
+
+def check_compare_to(cfg: EvalConfig, names: Sequence[str]) -> None:
+    """Every ``--compare-to`` baseline must be one of the representation folders (checked before any work)."""
+    missing = [b for b in cfg.compare_to if b not in names]
+    if missing:
+        raise ConfigError(f"--compare-to {' '.join(missing)}: no such representation folder in {cfg.input_dir} "
+                          f"(found {', '.join(map(str, names))})")
 
 
 def write_outputs(results: dict[str, RepResult], cfg: EvalConfig) -> list[Path]:
@@ -534,6 +539,7 @@ def run_evaluation(cfg: EvalConfig) -> Path:
         raise ConfigError(f"--threshold {cfg.threshold} must be a significance level between 0 and 1")
     start = time.perf_counter()
     found = discover_representations(cfg.input_dir)
+    check_compare_to(cfg, [name for name, _ in found])
     ensure_dir(cfg.out_dir)
     results = {}
     for name, path in found:
