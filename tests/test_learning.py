@@ -255,13 +255,32 @@ def test_probe_under_torchrun_is_computed_once(plates: dict[str, Path], tmp_path
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            "train_dino.py", *DINO_TINY, "--batch_size_per_gpu", "2", "--path_df", str(plates["train"]),
-           "--output_dir", str(out), "--epochs", "2", "--probe_csv", str(plates["probe"]), "--probe_size", "32"]
+           "--output_dir", str(out), "--epochs", "2", "--probe_csv", str(plates["probe"]), "--probe_size", "32",
+           "--intensity", "dataset"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in lines if r.get("event") == "probe"] == [0, 1, 2]
     assert proc.stdout.count("probe after 1 epoch(s)") == 1
     assert json.loads((out / "rank_weights.json").read_text())["identical"]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["intensity"]["name"] == "dataset"  # broadcast
+
+
+def test_dataset_intensity_is_the_training_tables_statistics(plates: dict[str, Path], tmp_path: Path) -> None:
+    """--intensity dataset stores data.stats' figures for the training table in the checkpoint."""
+    from data.schema import TRAIN_REQUIRED, load_site_table
+    from data.stats import dataset_intensity_norm
+    from utils.train_args import parse_args
+    from utils.training import train
+
+    out = tmp_path / "ds"
+    train("dino", parse_args("dino", [*DINO_TINY, "--path_df", str(plates["train"]), "--output_dir", str(out),
+                                      "--epochs", "1", "--intensity", "dataset"]))
+    stored = torch.load(out / "checkpoint.pth", weights_only=True)["intensity"]
+    table = load_site_table(plates["train"], channels=tuple(stored["channels"]), required=TRAIN_REQUIRED)
+    expected, _ = dataset_intensity_norm(table, stored["channels"], n_sites=200, seed=0, progress=False)
+    assert stored["mean"] == pytest.approx(list(expected.mean), rel=1e-12)
+    assert stored["std"] == pytest.approx(list(expected.std), rel=1e-12)
 
 
 def test_koleo_matches_brute_force_nearest_neighbour() -> None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from models.checkpoints import save_checkpoint
 from utils import distributed
 from utils.collapse import CollapseMonitor
-from utils.errors import CheckpointError, CollapseError, ConfigError, DivergenceError
+from utils.errors import CheckpointError, CollapseError, ConfigError, DataError, DivergenceError
 from utils.fileio import write_json_atomic
 from utils.logging import RunLogger
 from utils.probe import Probe, ProbeConfig, better, run_probe
@@ -285,22 +285,32 @@ def find_resume(args: argparse.Namespace, out_dir: Path) -> Path | None:
 
 
 def load_intensity_norm(cfg: RunConfig, channels: list[str], table: Any = None, seed: int = 0,
-                        progress: bool = False) -> Any:
+                        info: distributed.DistInfo | None = None, workers: int = 2) -> Any:
     """The --intensity preset or stats.json, reordered to --channels (every channel needs statistics).
 
-    ``dataset`` computes the statistics of 200 seeded sites of the training table itself (``data.stats``), the same
-    on every rank; they go into the checkpoint, so inference standardises with them too. The paper's constants fit
-    only the paper's images (docs/LEARNING.md, cause 2).
+    ``dataset`` computes the statistics of 200 seeded sites of the training table itself (``data.stats``) on rank 0
+    and broadcasts them, so the sites are read once; they go into the checkpoint, so inference standardises with
+    them too. The paper's constants fit only the paper's images (docs/LEARNING.md, cause 2).
     """
-    from data.intensity import get_intensity_norm
+    from data.intensity import IntensityNorm, get_intensity_norm
 
     if cfg.intensity == DATASET_INTENSITY:
         from data.stats import dataset_intensity_norm
 
         if table is None:
             raise ConfigError("--intensity dataset needs the training site table")
-        return dataset_intensity_norm(table, channels, n_sites=200, seed=seed, workers=2, name="dataset",
-                                      progress=progress)[0]
+        box: list[Any] = [None]
+        if info is None or info.is_main:
+            try:
+                box[0] = dataset_intensity_norm(table, channels, n_sites=200, seed=seed, workers=max(1, workers),
+                                                name="dataset")[0].to_dict()
+            except DataError as exc:  # sent to the other ranks too, so none waits for statistics that never come
+                box[0] = {"error": f"--intensity dataset: {exc}"}
+        if distributed.is_distributed():
+            torch.distributed.broadcast_object_list(box, src=0)
+        if "error" in box[0]:
+            raise DataError(box[0]["error"])
+        return IntensityNorm.from_dict(box[0])
     norm = get_intensity_norm(cfg.intensity)
     if tuple(norm.channels) != tuple(channels):
         missing = sorted(set(channels) - set(norm.channels))
@@ -448,7 +458,7 @@ def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> P
         torch.set_float32_matmul_precision("high")
     precision = resolve_precision(cfg.precision, device)
     table = load_table(args)
-    norm = load_intensity_norm(cfg, list(args.channels), table, args.seed, info.is_main)
+    norm = load_intensity_norm(cfg, list(args.channels), table, args.seed, info, args.num_workers)
     split = None
     if args.val_fraction > 0:
         from utils.validation import split_sites
