@@ -94,6 +94,7 @@ def summarise(method: str, out: Path, handcrafted: dict[str, float], flags: list
     curve = [{"epoch": int(p["epoch"]), "target_map": float(p["probe_target_map"]),
               "replicate_map": float(p["probe_replicate_map"])} for p in probes]
     first, final = curve[0], curve[-1]
+    train_seconds = sum(float(r["epoch_time_s"]) for r in train_records)
     return {
         "method": method, "seed": seed, "minutes": minutes, "epochs": len(train_records),
         "collapsed": bool(train_records[-1]["collapsed"]) if train_records else False,
@@ -103,9 +104,8 @@ def summarise(method: str, out: Path, handcrafted: dict[str, float], flags: list
         "gain_replicate_map": final["replicate_map"] - first["replicate_map"],
         "best_target_map": max(p["target_map"] for p in curve),
         "probe_seconds": round(sum(float(p["probe_seconds"]) for p in probes), 1),
-        "train_seconds": round(sum(float(r["epoch_time_s"]) for r in train_records), 1),
-        "probe_cost_fraction": round(sum(float(p["probe_seconds"]) for p in probes[1:])
-                                     / max(sum(float(r["epoch_time_s"]) for r in train_records), 1e-9), 3),
+        "train_seconds": round(train_seconds, 1),
+        "probe_cost_fraction": round(sum(float(p["probe_seconds"]) for p in probes[1:]) / max(train_seconds, 1e-9), 3),
         "final_embed_std_ratio": train_records[-1].get("train_embed_std_ratio") if train_records else None,
         "flags": flags, "plates": {**PLATES, "probe_plates": PROBE_PLATES}, "seconds": round(seconds, 1),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -334,3 +334,14 @@ def test_unknown_compare_to_fails_before_any_output(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--compare-to Nope: no such representation folder"):
         run_evaluation(EvalConfig(input_dir=tmp_path / "emb", out_dir=tmp_path / "out", compare_to=("Nope",)))
     assert not (tmp_path / "out").exists()
+
+
+def test_best_probe_rule() -> None:
+    from utils.probe import better
+
+    nan = float("nan")
+    assert better({"probe_target_map": 0.2}, None)
+    assert not better({"probe_target_map": nan}, None)
+    assert better({"probe_target_map": 0.2}, {"probe_target_map": nan})
+    assert not better({"probe_target_map": 0.1}, {"probe_target_map": 0.2})
+    assert not better({"probe_target_map": 0.2}, {"probe_target_map": 0.2})  # ties keep the earlier checkpoint

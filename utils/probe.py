@@ -134,9 +134,7 @@ def run_probe(probe: Probe | None, model: nn.Module, info: distributed.DistInfo)
 
 
 def better(new: dict[str, float], best: dict[str, float] | None) -> bool:
-    """A probe beats the best so far on target mAP (NaN never wins)."""
+    """A probe beats the best so far on target mAP (NaN never wins, and any finite value beats a NaN best)."""
     value = new.get("probe_target_map", float("nan"))
-    if not np.isfinite(value):
-        return False
-    return best is None or not np.isfinite(best.get("probe_target_map", float("nan"))) or \
-        value > best["probe_target_map"]
+    previous = float("nan") if best is None else best.get("probe_target_map", float("nan"))
+    return bool(np.isfinite(value) and not value <= previous)

@@ -595,8 +595,8 @@ def probe_epoch(
     """Probe after ``finished`` epochs (0: before the first step), log it, keep checkpoint_best_probe.pth."""
     result = run_probe(probe, run.stepper.model, run.info)
     run.logger.log_probe(finished, result)
-    if not run.info.is_main:
-        return best if not better(result, best) else {"epoch": finished, **result}
+    if not run.info.is_main:  # only rank 0 writes the best checkpoint, so only it keeps the bookkeeping
+        return best
     init = "" if finished else " (random initialisation)"
     print(f"{run.method} probe after {finished} epoch(s){init}: target mAP {result['probe_target_map']:.4f}, "
           f"replicate mAP {result['probe_replicate_map']:.4f} ({result['probe_seconds']:.1f} s)", flush=True)
