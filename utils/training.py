@@ -311,7 +311,10 @@ def load_intensity_norm(cfg: RunConfig, channels: list[str], table: Any = None, 
         if "error" in box[0]:
             raise DataError(box[0]["error"])
         return IntensityNorm.from_dict(box[0])
-    norm = get_intensity_norm(cfg.intensity)
+    try:
+        norm = get_intensity_norm(cfg.intensity)
+    except DataError as exc:
+        raise ConfigError(f"--intensity: {exc}, nor '{DATASET_INTENSITY}' (this data set's own statistics)") from None
     if tuple(norm.channels) != tuple(channels):
         missing = sorted(set(channels) - set(norm.channels))
         if missing:
@@ -459,6 +462,7 @@ def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> P
     precision = resolve_precision(cfg.precision, device)
     table = load_table(args)
     norm = load_intensity_norm(cfg, list(args.channels), table, args.seed, info, args.num_workers)
+    probe = Probe(probe_cfg, method, tuple(args.channels), norm, device) if probe_cfg and info.is_main else None
     split = None
     if args.val_fraction > 0:
         from utils.validation import split_sites
@@ -508,8 +512,6 @@ def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> P
 
     run = _Run(method, cfg, args, info, loader, sampler, dataset, stepper, build_schedules(cfg, steps_per_epoch),
                logger, iters, steps_per_epoch, validator)
-
-    probe = Probe(probe_cfg, method, tuple(args.channels), norm, device) if probe_cfg and info.is_main else None
     best = read_best_probe(cfg.output_dir) if resume_path is not None else None
     state_at = lambda done: checkpoint_state(cfg, model, optimizer, scaler, done, done * steps_per_epoch, args, norm)
     if start_epoch == 0 and args.save_init and info.is_main:  # the run's own random-initialisation baseline
