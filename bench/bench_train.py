@@ -145,11 +145,16 @@ def bench_method(method: str, opts: argparse.Namespace, csv: Path, device: torch
         data_s.append(_seconds(data_step, start, opts.steps, device))
     bare = opts.steps * batch / min(bare_s)
     data = opts.steps * batch / min(data_s)
+    # The collapse indicators on the last step's embedding: the spread (every step) and the rank (logged steps).
+    spread_s = _seconds(lambda i: stepper.model.collapse_stats(), 0, opts.steps, device) / opts.steps
+    rank_s = _seconds(lambda i: stepper.model.collapse_stats(with_rank=True), 0, opts.steps, device) / opts.steps
+    step_s = min(bare_s) / opts.steps
     return {
         "method": method, "arch": cfg.arch, "device": str(device), "precision": precision, "batch": batch,
         "views": [f"{v.count}x{v.size}" for v in recipe.views], "steps": opts.steps, "rounds": opts.rounds,
         "compile": opts.compile,
         "data_img_s": data, "bare_img_s": bare, "ratio": data / bare,
+        "diag_fraction_every_step": spread_s / step_s, "diag_fraction_logged_step": rank_s / step_s,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 
@@ -191,7 +196,8 @@ def main() -> int:
         results.append(r)
         print(f"bench_train {r['method']:6s} {r['arch']} {r['gpu']} {r['precision']} batch {r['batch']} "
               f"views {'+'.join(r['views'])}: data {r['data_img_s']:.2f} img/s, bare step {r['bare_img_s']:.2f} "
-              f"img/s, ratio {r['ratio']:.2f}", flush=True)
+              f"img/s, ratio {r['ratio']:.2f}; collapse diagnostics {r['diag_fraction_every_step']:.2%} of a bare "
+              f"step ({r['diag_fraction_logged_step']:.2%} with the rank on logged steps)", flush=True)
     if opts.out:
         from utils.fileio import write_json_atomic
 
