@@ -20,7 +20,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import metrics as M  # noqa: E402
+from utils.evaluation import metrics as M  # noqa: E402
 from utils.evaluation import EvalConfig, run_evaluation  # noqa: E402
 
 

@@ -59,7 +59,7 @@ def make_plates(folder: Path, seed: int) -> tuple[Path, Path]:
 def handcrafted_baseline(probe_csv: Path, out: Path) -> dict[str, float]:
     """The cp-measure baseline's mAP on the probe wells (its own pipeline, the probe's scoring)."""
     from utils import handcrafted
-    from utils.probe import score_wells
+    from utils.training.probe import score_wells
 
     wells_csv = out / "well_features.csv"
     if not wells_csv.is_file():
@@ -72,7 +72,7 @@ def handcrafted_baseline(probe_csv: Path, out: Path) -> dict[str, float]:
 def train_run(method: str, train_csv: Path, probe_csv: Path, out: Path, minutes: float, seed: int,
               extra: list[str]) -> list[str]:
     """Train the small_cpu recipe in this process; returns the flags used."""
-    from utils.train_args import parse_args
+    from utils.training.args import parse_args
     from utils.training import train
 
     flags = ["--preset", "small_cpu", "--path_df", str(train_csv), OUT_FLAG[method], str(out), "--probe_csv",

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Sampler  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.seeding import sample_seed  # noqa: E402
-from utils.train_args import parse_args, resolve_config  # noqa: E402
+from utils.training.args import parse_args, resolve_config  # noqa: E402
 from utils.training import (  # noqa: E402
     Stepper,
     ViewPipeline,

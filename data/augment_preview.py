@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from data.datasets import TrainCropDataset, collate_views
-    from utils.train_args import parse_args, resolve_config
+    from utils.training.args import parse_args, resolve_config
     from utils.training import ViewPipeline, build_recipe, load_intensity_norm, load_table, step_generator
 
     args, rest = build_parser().parse_known_args(argv)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils.collapse import effective_rank, embedding_spread
+from models.collapse import effective_rank, embedding_spread
 
 
 class SSLMethod(nn.Module):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import SSLMethod
-from utils.collapse import dino_stats
+from models.collapse import dino_stats
 from utils.errors import ConfigError
 
 if TYPE_CHECKING:  # timm is imported only when a model is built, so DINOLoss users (and spawned tests) start fast

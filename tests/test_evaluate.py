@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import evaluate
-from utils import plots
+from utils.evaluation import plots
 from utils.errors import DataError
 from utils.evaluation import EvalConfig, detect_features, discover_representations, load_representation
 

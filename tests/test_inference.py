@@ -24,7 +24,7 @@ from data.synthetic import generate_plates
 from inference import build_parser, main
 from models.backbones import create_backbone
 from models.checkpoints import FORMAT, load_backbone_for_inference, save_checkpoint
-from utils import inference as pipeline
+from utils.inference import pipeline
 from utils.cli import run_cli
 from utils.errors import ConfigError, DataError
 

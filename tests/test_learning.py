@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from models.dino import DINOLoss
-from utils.collapse import CollapseMonitor, dino_stats, effective_rank, embedding_spread, teacher_entropy
+from models.collapse import CollapseMonitor, dino_stats, effective_rank, embedding_spread, teacher_entropy
 from utils.logging import RunLogger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_probe_equals_evaluate(plates: dict[str, Path], tmp_path: Path) -> None:
     from models.backbones import create_backbone
     from utils.evaluation import EvalConfig, run_evaluation
     from utils.inference import embed_profiles
-    from utils.probe import Probe, ProbeConfig
+    from utils.training.probe import Probe, ProbeConfig
 
     torch.manual_seed(0)
     backbone = create_backbone("vit_debug_patch8", 5, img_size=32).eval()
@@ -215,7 +215,7 @@ def test_max_minutes_stops_after_an_epoch(plates: dict[str, Path], tmp_path: Pat
 
 def test_preset_sets_defaults_and_flags_win() -> None:
     from utils.errors import ConfigError
-    from utils.train_args import PRESETS, parse_args
+    from utils.training.args import PRESETS, parse_args
 
     args = parse_args("dino", ["--preset", "small_cpu"])
     for key, value in PRESETS["dino"]["small_cpu"].items():
@@ -270,7 +270,7 @@ def test_dataset_intensity_is_the_training_tables_statistics(plates: dict[str, P
     """--intensity dataset stores data.stats' figures for the training table in the checkpoint."""
     from data.schema import TRAIN_REQUIRED, load_site_table
     from data.stats import dataset_intensity_norm
-    from utils.train_args import parse_args
+    from utils.training.args import parse_args
     from utils.training import train
 
     out = tmp_path / "ds"
@@ -297,7 +297,7 @@ def test_koleo_matches_brute_force_nearest_neighbour() -> None:
 
 def test_bad_learning_flags_are_one_line_errors(tmp_path: Path) -> None:
     from utils.errors import ConfigError
-    from utils.train_args import parse_args
+    from utils.training.args import parse_args
     from utils.training import probe_config
 
     with pytest.raises(ConfigError, match="--probe_csv .*: no such file"):
@@ -337,7 +337,7 @@ def test_unknown_compare_to_fails_before_any_output(tmp_path: Path) -> None:
 
 
 def test_best_probe_rule() -> None:
-    from utils.probe import better
+    from utils.training.probe import better
 
     nan = float("nan")
     assert better({"probe_target_map": 0.2}, None)

@@ -14,7 +14,7 @@ from copairs.map import mean_average_precision as cp_mean_average_precision
 from copairs.matching import assign_reference_index
 
 import evaluate
-from utils import metrics as M
+from utils.evaluation import metrics as M
 from utils.evaluation import EvalConfig, control_mask, load_representation
 
 PLATE = Path(__file__).resolve().parents[2] / "shared" / "data" / "lincs_SQ00015054"

@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, si
 from sklearn.metrics import matthews_corrcoef as sk_mcc
 from statsmodels.stats.multitest import multipletests
 
-from utils import metrics as M
+from utils.evaluation import metrics as M
 from utils.errors import DataError
 
 

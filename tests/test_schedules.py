@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from utils.errors import ConfigError
-from utils.schedules import constant_schedule, cosine_schedule, linear_warmup_constant
-from utils.train_args import parse_args, resolve_config
+from utils.training.schedules import constant_schedule, cosine_schedule, linear_warmup_constant
+from utils.training.args import parse_args, resolve_config
 from utils.training import apply_schedule, build_schedules, clip_gradients, param_groups
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models.backbones import create_backbone
-from utils.train_args import parse_args, resolve_config
+from utils.training.args import parse_args, resolve_config
 from utils.training import apply_schedule, build_model, build_optimizer, clip_gradients, train
 
 ROOT = Path(__file__).resolve().parents[1]

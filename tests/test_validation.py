@@ -13,9 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from utils.errors import ConfigError
-from utils.train_args import VAL_GROUPS, parse_args
+from utils.training.args import VAL_GROUPS, parse_args
 from utils.training import train
-from utils.validation import GROUP_COLUMNS, contrastive_metrics, positive_ranks, rank_metrics, split_sites
+from utils.training.validation import GROUP_COLUMNS, contrastive_metrics, positive_ranks, rank_metrics, split_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 

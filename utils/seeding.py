@@ -20,3 +20,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def keyed_generator(seed: int, device: torch.device | str, *keys: object) -> torch.Generator:
+    """A fresh generator seeded from ``(seed, *keys)``: the same keys give the same draws in any run or resume.
+
+    Training keys it by (purpose, epoch, iteration, rank); validation by (purpose, batch, rank) only, so every
+    validation pass draws the same crops.
+    """
+    return torch.Generator(device=device).manual_seed(sample_seed(seed, *keys))

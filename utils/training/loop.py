@@ -22,14 +22,14 @@ from tqdm import tqdm
 
 from models.checkpoints import save_checkpoint
 from utils import distributed
-from utils.collapse import CollapseMonitor
+from models.collapse import CollapseMonitor
 from utils.errors import CheckpointError, CollapseError, ConfigError, DataError, DivergenceError
 from utils.fileio import write_json_atomic
 from utils.logging import RunLogger
-from utils.probe import Probe, ProbeConfig, better, run_probe
-from utils.schedules import cosine_schedule, linear_warmup_constant
+from utils.training.probe import Probe, ProbeConfig, better, run_probe
+from utils.training.schedules import cosine_schedule, linear_warmup_constant
 from utils.seeding import sample_seed, seed_everything
-from utils.train_args import RunConfig, plain_args, resolve_config
+from utils.training.args import RunConfig, plain_args, resolve_config
 
 BEST_PROBE_CKPT = "checkpoint_best_probe.pth"
 DATASET_INTENSITY = "dataset"
@@ -465,7 +465,7 @@ def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> P
     probe = Probe(probe_cfg, method, tuple(args.channels), norm, device) if probe_cfg and info.is_main else None
     split = None
     if args.val_fraction > 0:
-        from utils.validation import split_sites
+        from utils.training.validation import split_sites
 
         split = split_sites(table, args.val_fraction, args.val_group, args.seed)
         table, val_table = table.iloc[split.train], table.iloc[split.val]
@@ -487,7 +487,7 @@ def _run(method: str, args: argparse.Namespace, info: distributed.DistInfo) -> P
         from models.checkpoints import load_checkpoint
 
         start_epoch, _ = restore(load_checkpoint(resume_path), cfg, model, optimizer, scaler, resume_path)
-    from utils.validation import METRIC_TAPS
+    from utils.training.validation import METRIC_TAPS
 
     tap = METRIC_TAPS[method](model) if method in METRIC_TAPS else None
     stepper = Stepper(cfg, model, optimizer, scaler, precision, info, args.seed, ViewPipeline(recipe, norm, device),
@@ -664,7 +664,7 @@ def build_validator(
 ) -> Any:
     """The held-out sites as a fixed-crop dataset (own seed) sharded over ranks."""
     from data.datasets import TrainCropDataset
-    from utils.validation import Validator
+    from utils.training.validation import Validator
 
     dataset = TrainCropDataset(table, recipe, channels=tuple(args.channels), seed=sample_seed(args.seed, "val_crops"))
     return Validator(method, dataset, cfg.batch_per_gpu, info, args.seed, max(0, args.num_workers),

@@ -1,4 +1,4 @@
-"""Profiles as DataFrames: NaN-aware aggregation, variance filter, pycytominer normalisation and consensus.
+"""Normalisation of well profiles against controls: variance filter, pycytominer steps, scopes, L2 scaling.
 
 Every function takes explicit feature and metadata column lists, so nothing depends on column-name guessing.
 
@@ -21,10 +21,12 @@ import numpy as np
 import pandas as pd
 
 from utils.errors import ConfigError, DataError
+from utils.profiles.aggregate import check_columns
+from utils.profiles.controls import control_mask
 
-FEATURE_PREFIX = "emb"
 VARIANCE_THRESHOLD = 1e-5
-OPERATIONS = ("mean", "median")
+NO_NORMALISATION = "no_post_proc"  # the paper's name; "none" (the handcrafted CLI's old spelling) is an alias
+NORM_ALIASES: dict[str, str] = {"none": NO_NORMALISATION}
 
 # Each method is the ordered list of pycytominer steps it runs.
 NORM_METHODS: dict[str, tuple[str, ...]] = {
@@ -35,10 +37,15 @@ NORM_METHODS: dict[str, tuple[str, ...]] = {
     "mad_robustize_spherize": ("mad_robustize", "spherize"),
     "spherize_standardize": ("spherize", "standardize"),
     "standardize_spherize": ("standardize", "spherize"),
-    "no_post_proc": (),
+    NO_NORMALISATION: (),
 }
-NORM_CHOICES = (*NORM_METHODS, "all")
+NORM_CHOICES = (*NORM_METHODS, "all", *NORM_ALIASES)
 SCOPES = ("paper", "plate", "global")
+
+
+def canonical_method(method: str) -> str:
+    """The one spelling of a normalisation method (``none`` -> ``no_post_proc``)."""
+    return NORM_ALIASES.get(method, method)
 
 
 @dataclass(frozen=True)
@@ -55,72 +62,6 @@ PAPER_STEPS: dict[str, StepSpec] = {
     "spherize": StepSpec("global", "controls"),
 }
 
-CONTROL_PRESETS: dict[str, str] = {
-    "DMSO": "perturbation_id == 'DMSO'",
-    "negcon": "control_type == 'negcon'",
-}
-
-
-def embedding_names(dim: int, prefix: str = FEATURE_PREFIX) -> list[str]:
-    """Name features like the paper (``emb0``, ``emb1``, ... unpadded) so its evaluation code reads them."""
-    return [f"{prefix}{i}" for i in range(dim)]
-
-
-def feature_columns(df: pd.DataFrame, prefix: str = FEATURE_PREFIX) -> list[str]:
-    """The embedding columns, in table order, found by the prefix the paper's evaluation uses."""
-    return [c for c in df.columns if isinstance(c, str) and c.startswith(prefix)]
-
-
-def _check_operation(operation: str) -> None:
-    if operation not in OPERATIONS:
-        raise ConfigError(f"--operation {operation!r} is not one of {', '.join(OPERATIONS)}")
-
-
-def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise DataError(f"{what}: missing column(s) {', '.join(map(str, missing))}")
-
-
-def aggregate_profiles(
-    df: pd.DataFrame,
-    features: Sequence[str],
-    keys: Sequence[str],
-    operation: str = "mean",
-    count_column: str | None = None,
-) -> pd.DataFrame:
-    """Pool rows per key with one linear groupby; NaN rows (invalid tiles) are ignored, never matched pairwise."""
-    _check_operation(operation)
-    _check_columns(df, [*keys, *features], "aggregate")
-    grouped = df.groupby(list(keys), sort=False, dropna=False)[list(features)]
-    out = grouped.mean() if operation == "mean" else grouped.median()
-    if count_column is not None:
-        valid = df[list(features)].notna().all(axis=1)
-        out.insert(0, count_column, valid.groupby([df[k] for k in keys], sort=False, dropna=False).sum())
-    return out.reset_index()
-
-
-def aggregate_sites(
-    tile_df: pd.DataFrame,
-    features: Sequence[str],
-    site_keys: Sequence[str],
-    operation: str = "mean",
-    count_column: str | None = "n_valid_tiles",
-) -> pd.DataFrame:
-    """Site profiles from tile rows whose invalid tiles are NaN, with the number of valid tiles per site."""
-    return aggregate_profiles(tile_df, features, site_keys, operation, count_column)
-
-
-def aggregate_wells(
-    df: pd.DataFrame,
-    features: Sequence[str],
-    well_keys: Sequence[str],
-    operation: str = "mean",
-    count_column: str | None = None,
-) -> pd.DataFrame:
-    """Well profiles from tile rows (the paper pools all tiles of a well) or from site rows."""
-    return aggregate_profiles(df, features, well_keys, operation, count_column)
-
 
 def l2_normalize_rows(df: pd.DataFrame, features: Sequence[str]) -> pd.DataFrame:
     """Scale each PROFILE to unit L2 norm (the paper scaled feature columns instead, a bug)."""
@@ -129,28 +70,6 @@ def l2_normalize_rows(df: pd.DataFrame, features: Sequence[str]) -> pd.DataFrame
     norms = np.linalg.norm(values, axis=1, keepdims=True)
     out[list(features)] = values / np.where(norms > 0, norms, 1.0)
     return out
-
-
-def resolve_control_query(df: pd.DataFrame, controls: str = "auto", control_query: str | None = None) -> str:
-    """Pick the pandas query that marks negative-control wells: explicit, a preset, or negcon when annotated."""
-    if control_query:
-        return control_query
-    if controls in CONTROL_PRESETS:
-        return CONTROL_PRESETS[controls]
-    if controls != "auto":
-        raise ConfigError(f"--controls {controls!r} is not one of auto, {', '.join(CONTROL_PRESETS)}")
-    if "control_type" in df.columns and (df["control_type"] == "negcon").any():
-        return CONTROL_PRESETS["negcon"]
-    return CONTROL_PRESETS["DMSO"]
-
-
-def control_mask(df: pd.DataFrame, query: str) -> np.ndarray:
-    """Boolean mask of the rows matched by the control query, with a one-line error for a bad query."""
-    try:
-        selected = df.query(query).index
-    except Exception as exc:  # pandas raises many types for a bad expression
-        raise ConfigError(f"control query {query!r} cannot be evaluated: {exc}") from exc
-    return df.index.isin(selected)
 
 
 def variance_filter(
@@ -168,7 +87,7 @@ def variance_filter(
 def _fit_groups(df: pd.DataFrame, scope: str, plate_col: str) -> list[pd.Index]:
     if scope == "global":
         return [df.index]
-    _check_columns(df, [plate_col], "per-plate normalisation")
+    check_columns(df, [plate_col], "per-plate normalisation")
     return [idx for _, idx in df.groupby(plate_col, sort=False, dropna=False).groups.items()]
 
 
@@ -182,7 +101,7 @@ def normalize_step(
     plate_col: str = "plate",
 ) -> pd.DataFrame:
     """Run one pycytominer.normalize step per plate or pooled, fitted on controls or on all wells."""
-    from pycytominer import normalize
+    from pycytominer import normalize  # lazy: importing pycytominer costs ~1.5 s, which --help must not pay
 
     samples = control_query if spec.reference == "controls" else "all"
     parts = []
@@ -220,7 +139,30 @@ def normalize_profiles(
     variance_threshold: float = VARIANCE_THRESHOLD,
     plate_col: str = "plate",
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Apply a paper normalisation method (steps, variance filter, scopes) and return the table and kept features."""
+    """Apply a paper normalisation method (steps, variance filter, scopes) and return the table and kept features.
+
+    Parameters
+    ----------
+    df:
+        Well profiles: metadata and finite features (drop wells without valid tiles first).
+    features, meta:
+        The feature and metadata columns; only these are returned.
+    method:
+        A key of ``NORM_METHODS`` (or an alias such as ``none``): the pycytominer steps, in order.
+    control_query:
+        Pandas query selecting the negative-control wells (``utils.profiles.controls.resolve_control_query``).
+    scope:
+        ``paper`` (standardize/mad_robustize per plate, spherize pooled), ``plate`` or ``global`` for every step.
+    mad_reference:
+        mad_robustize statistics from ``all`` wells (the paper) or from the ``controls``.
+    l2norm:
+        Scale each profile (row) to unit L2 norm first.
+    variance_threshold:
+        Before each step, drop features with population variance at or below this in controls or non-controls.
+    plate_col:
+        The column that defines a plate for per-plate steps.
+    """
+    method = canonical_method(method)
     if method not in NORM_METHODS:
         raise ConfigError(f"--norm_method {method!r} is not one of {', '.join(NORM_METHODS)}")
     if scope not in SCOPES:
@@ -229,7 +171,7 @@ def normalize_profiles(
         raise ConfigError(f"--mad-reference {mad_reference!r} is not one of all, controls")
     features = list(features)
     meta = list(meta)
-    _check_columns(df, [*meta, *features], "normalisation")
+    check_columns(df, [*meta, *features], "normalisation")
     if df[features].isna().to_numpy().any():
         raise DataError("normalisation: profiles contain NaN features; drop wells without valid tiles first")
     out = df[[*meta, *features]].reset_index(drop=True)
@@ -249,36 +191,3 @@ def normalize_profiles(
             spec = StepSpec(spec.scope, "controls")
         out = normalize_step(out[[*meta, *features]], features, meta, step, control_query, spec, plate_col)
     return out, features
-
-
-def consensus(
-    df: pd.DataFrame,
-    features: Sequence[str],
-    strata: Sequence[str] = ("perturbation_id",),
-    operation: str = "mean",
-    carry: Sequence[str] = ("target",),
-) -> pd.DataFrame:
-    """Consensus profile per perturbation via pycytominer.aggregate, then the per-perturbation metadata joined back."""
-    from pycytominer import aggregate
-
-    _check_operation(operation)
-    _check_columns(df, [*strata, *features], "consensus")
-    agg = aggregate(df, strata=list(strata), features=list(features), operation=operation)
-    carry = [c for c in carry if c in df.columns and c not in strata]
-    if carry:
-        agg = agg.merge(_labels_per_group(df, list(strata), carry), on=list(strata), how="left")
-    return agg[[*strata, *features, *carry]]
-
-
-def _labels_per_group(df: pd.DataFrame, strata: list[str], carry: list[str]) -> pd.DataFrame:
-    """One label row per group; several values are joined with '|' and reported, never duplicating profiles."""
-    labels = df[[*strata, *carry]].drop_duplicates()
-    ambiguous = labels.duplicated(strata, keep=False)
-    if ambiguous.any():
-        n = labels.loc[ambiguous, strata].drop_duplicates().shape[0]
-        warnings.warn(f"{n} group(s) of {strata} carry several values of {carry}; joined with '|'", stacklevel=3)
-        joined = lambda s: "|".join(sorted({str(v) for v in s}))
-        labels = labels.groupby(strata, sort=False, dropna=False).agg(
-            {c: (lambda s: joined(s) if s.nunique(dropna=False) > 1 else s.iloc[0]) for c in carry}
-        ).reset_index()
-    return labels

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils import metrics as M
-from utils import plots
+from utils.evaluation import metrics as M
+from utils.evaluation import plots
 from utils.errors import ConfigError, DataError
 from utils.fileio import ensure_dir, write_csv_atomic, write_text_atomic
 

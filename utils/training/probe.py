@@ -32,7 +32,7 @@ from utils import distributed
 from utils.errors import ConfigError, DataError
 from utils.evaluation import EvalConfig, map_columns, representation_from_frame, retrieval_maps
 from utils.inference import PRECISIONS, EmbedContext, embed_profiles
-from utils.validation import frozen_state
+from utils.training.validation import frozen_state
 
 DEFAULT_TILE = 128  # the probe's tile size; 224 (inference's default) costs 3x more and needs larger sites
 

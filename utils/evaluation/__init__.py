@@ -1,0 +1,3 @@
+"""Evaluation pipeline."""
+
+from utils.evaluation.pipeline import *  # noqa: F401,F403  (temporary during the split)
