@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.cli import run_cli
-from utils.errors import ConfigError
+from utils.cli import FlagParser, run_cli
+from utils.evaluation import METADATA_PRESETS, NSP_MODES, EvalConfig, default_device, run_evaluation
+from utils.evaluation.metrics import BATCH_CLASSIFIERS
+
+SPELLING = (
+    "Spelling: the paper's evaluate.py has -i/--input, -b/--basedir, --seed and --orf (marked [paper]); every other "
+    "flag is new here. Multi-word flags are written with hyphens (--null-size) and also accept underscores "
+    "(--null_size), the spelling of the paper's training and inference scripts (utils.cli.FlagParser)."
+)
 
 
 def _mapping(value: str) -> tuple[str, str]:
@@ -19,47 +26,44 @@ def _mapping(value: str) -> tuple[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The paper's flags (-i, -b, --orf, --seed) plus the options the standard metrics need."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("-i", "--input", required=True, help="subfolder of --basedir with one folder per representation")
-    p.add_argument("-b", "--basedir", default="SSL_data/embeddings", help="base directory (default %(default)s)")
-    p.add_argument("--orf", action="store_true", help="ORF set: gene_group replaces target; negcon wells are controls")
-    p.add_argument("--seed", type=int, default=507, help="seed of every permutation null (default 507)")
-    p.add_argument("-o", "--out", default=None, help="output folder (default: the input folder, as in the paper)")
-    p.add_argument("--nsp-mode", choices=("perturbation", "well_position"), default="perturbation",
-                   help="what 'same perturbation' means for target accuracy; well_position reproduces the paper")
-    p.add_argument("--null-size", type=int, default=10000, help="permutations per mAP null (copairs' null_size)")
-    p.add_argument("--replicate-null-size", type=int, default=1000, help="random sets in the percent-replicating null")
-    p.add_argument("--threshold", type=float, default=0.05, help="significance level for corrected p-values")
-    p.add_argument("--controls", nargs="+", default=["DMSO"], help="perturbation_id values of negative controls")
-    p.add_argument("--map", dest="column_map", type=_mapping, action="append", default=[], metavar="SRC=DST",
-                   help="copy a metadata column onto a required name, e.g. Metadata_broad_sample=perturbation_id")
-    p.add_argument("--metadata-preset", choices=("none", "pycytominer"), default="none",
-                   help="map the usual Metadata_* names (Plate, Well, broad_sample, Batch, moa) when present")
-    p.add_argument("--replicate-diffby", nargs="*", default=[],
-                   help="columns in which replicate positives must differ (copairs pos_diffby), e.g. a dose column")
-    p.add_argument("--batch-classifier", choices=("ridge", "logistic", "random_forest"), default="ridge")
-    p.add_argument("--device", default=None, help="torch device for the similarity GEMMs (default: cuda if present)")
-    p.add_argument("--compare-to", dest="compare_to", nargs="+", default=[], metavar="NAME",
-                   help="baseline representation folders (e.g. Random CellProfiler): summary.md states every other "
-                        "representation's gain in target and replicate mAP over each, with the sign")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--no-figures", action="store_true", help="write the tables only")
+    p = FlagParser(description=__doc__, epilog=SPELLING)
+    add = p.add_argument
+
+    add("-i", "--input", required=True, help="[paper] subfolder of --basedir with one folder per representation")
+    add("-b", "--basedir", default="SSL_data/embeddings", help="[paper] base directory (default %(default)s)")
+    add("--orf", action="store_true", help="[paper] ORF set: gene_group replaces target; negcon wells are controls")
+    add("--seed", type=int, default=507, help="[paper] seed of every permutation null (default 507)")
+    add("-o", "--out", default=None, help="output folder (default: the input folder, as in the paper)")
+    add("--nsp-mode", choices=NSP_MODES, default="perturbation",
+        help="what 'same perturbation' means for target accuracy; well_position reproduces the paper")
+    add("--null-size", type=int, default=10000, help="permutations per mAP null (copairs' null_size)")
+    add("--replicate-null-size", type=int, default=1000, help="random sets in the percent-replicating null")
+    add("--threshold", type=float, default=0.05, help="significance level for corrected p-values")
+    add("--controls", nargs="+", default=["DMSO"], help="perturbation_id values of negative controls")
+    add("--map", dest="column_map", type=_mapping, action="append", default=[], metavar="SRC=DST",
+        help="copy a metadata column onto a required name, e.g. Metadata_broad_sample=perturbation_id")
+    add("--metadata-preset", choices=tuple(METADATA_PRESETS), default="none",
+        help="map the usual Metadata_* names (Plate, Well, broad_sample, Batch, moa) when present")
+    add("--replicate-diffby", nargs="*", default=[],
+        help="columns in which replicate positives must differ (copairs pos_diffby), e.g. a dose column")
+    add("--batch-classifier", choices=tuple(BATCH_CLASSIFIERS), default="ridge")
+    add("--device", default=None, help="torch device for the similarity GEMMs (default: cuda if present)")
+    add("--compare-to", dest="compare_to", nargs="+", default=[], metavar="NAME",
+        help="baseline representation folders (e.g. Random CellProfiler): summary.md states every other "
+             "representation's gain in target and replicate mAP over each, with the sign")
+    add("--no-progress", action="store_true", help="hide progress bars")
+    add("--no-figures", action="store_true", help="write the tables only")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build the config and run the evaluation."""
-    from utils.evaluation import EvalConfig, default_device, run_evaluation
-
+    """Parse the flags, build the one EvalConfig (which validates them), and run the evaluation."""
     args = parse_args(argv)
     root = Path(args.basedir) / args.input
-    mapping = dict(args.column_map)
-    if len(mapping) != len(args.column_map):
-        raise ConfigError("--map names the same source column twice")
     cfg = EvalConfig(
         input_dir=root, out_dir=Path(args.out) if args.out else root, orf=args.orf, seed=args.seed,
         nsp_mode=args.nsp_mode, null_size=args.null_size, replicate_null_size=args.replicate_null_size,
-        threshold=args.threshold, controls=tuple(args.controls), column_map=mapping,
+        threshold=args.threshold, controls=tuple(args.controls), column_map=tuple(args.column_map),
         metadata_preset=args.metadata_preset, replicate_diffby=tuple(args.replicate_diffby),
         batch_classifier=args.batch_classifier, device=args.device or default_device(),
         progress=not args.no_progress, figures=not args.no_figures, compare_to=tuple(args.compare_to),

@@ -4,68 +4,80 @@ from __future__ import annotations
 
 import argparse
 
-from data.schema import DEFAULT_CHANNELS
-from utils.cli import run_cli
-from utils.profiles import NORM_CHOICES, SCOPES
-
-MODELS = ("dino", "mae", "simclr")
+from utils.cli import SPELLING_NOTE, FlagParser, run_cli
+from utils.inference.config import DEFAULTS as D
+from utils.inference.config import (
+    DEVICES,
+    EMPTY_SITE_RULES,
+    MAD_REFERENCES,
+    MODELS,
+    POOLS,
+    PRECISION_CHOICES,
+    WELL_POOLS,
+    InferenceConfig,
+)
+from utils.profiles import CONTROL_CHOICES, NORM_CHOICES, OPERATIONS, SCOPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The paper's inference flags (unchanged defaults where they were sound) plus ours."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    paper = p.add_argument_group("paper flags")
-    paper.add_argument("--model", choices=MODELS, default=None,
+    """The paper's inference flags (unchanged defaults where they were sound) plus ours; defaults live in
+    ``InferenceConfig``."""
+    p = FlagParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                   epilog=SPELLING_NOTE + " The paper's flags (first group) use underscores.")
+    paper = p.add_argument_group("paper flags (the paper's spelling: underscores)")
+    paper.add_argument("--model", choices=MODELS, default=D["model"],
                        help="checkpoint type, checked against the file (detected from it when omitted)")
-    paper.add_argument("--arch", default="vit_small_patch16", help="backbone for the paper's checkpoints")
+    paper.add_argument("--arch", default=D["arch"], help="backbone for the paper's checkpoints")
     paper.add_argument("--ckpt", required=True, help="checkpoint: ours, or the paper's DINO/MAE .pth or SimCLR .ckpt")
-    paper.add_argument("--valset", default="data/JUMP_valset.csv", help="site CSV (paper or JUMP load_data columns)")
-    paper.add_argument("--batch_size", type=int, default=32, help="sites per device batch (tiles = sites x tiles/site)")
-    paper.add_argument("--num_workers", type=int, default=6, help="reader threads (0: read in the main thread)")
+    paper.add_argument("--valset", default=D["valset"], help="site CSV (paper or JUMP load_data columns)")
+    paper.add_argument("--batch_size", type=int, default=D["batch_size"],
+                       help="sites per device batch (tiles = sites x tiles/site)")
+    paper.add_argument("--num_workers", type=int, default=D["num_workers"],
+                       help="reader threads (0: read in the main thread)")
     paper.add_argument("-o", "--outdir", required=True, help="output folder")
-    paper.add_argument("--size", type=int, default=224, help="tile size in pixels")
-    paper.add_argument("--stride", type=int, default=None, help="tile stride (default: --size)")
-    paper.add_argument("--gpus", type=int, nargs="*", default=None,
+    paper.add_argument("--size", type=int, default=D["size"], help="tile size in pixels")
+    paper.add_argument("--stride", type=int, default=D["stride"], help="tile stride (default: --size)")
+    paper.add_argument("--gpus", type=int, nargs="*", default=D["gpus"],
                        help="GPU id for a single process (default 0; torchrun uses one GPU per local rank)")
-    paper.add_argument("--norm_method", choices=NORM_CHOICES, default="spherize_mad_robustize",
+    paper.add_argument("--norm_method", choices=NORM_CHOICES, default=D["norm_method"],
                        help="pycytominer post-processing; 'all' writes one folder per method")
-    paper.add_argument("--operation", choices=("mean", "median"), default="mean",
+    paper.add_argument("--operation", choices=OPERATIONS, default=D["operation"],
                        help="pooling of tiles into sites/wells and of wells into perturbations")
     paper.add_argument("--l2norm", action="store_true",
                        help="scale each well PROFILE to unit L2 norm before normalising (the paper scaled columns)")
     ours = p.add_argument_group("embedding")
-    ours.add_argument("--pool", choices=("cls", "mean", "mean_prenorm"), default=None,
+    ours.add_argument("--pool", choices=POOLS, default=D["pool"],
                       help="token pooling: cls, patch mean after the final norm, or before it (the paper's MAE "
                            "embedding); default from the checkpoint: cls for DINO/SimCLR, mean for MAE")
-    ours.add_argument("--layers", type=int, nargs="+", default=None,
+    ours.add_argument("--layers", type=int, nargs="+", default=D["layers"],
                       help="embed from these blocks (0-based, negative from the end) and concatenate")
-    ours.add_argument("--channels", nargs="+", default=list(DEFAULT_CHANNELS),
+    ours.add_argument("--channels", nargs="+", default=list(D["channels"]),
                       help="channel names in file order; sites are permuted to the checkpoint's order")
-    ours.add_argument("--intensity", default=None,
+    ours.add_argument("--intensity", default=D["intensity"],
                       help="override the checkpoint's intensity constants: a preset name or a JSON file")
-    ours.add_argument("--image_root", default=None, help="folder that relative image paths start from")
+    ours.add_argument("--image_root", default=D["image_root"], help="folder that relative image paths start from")
     ours.add_argument("--center-tiles", dest="center_tiles", action="store_true",
                       help="centre the tile grid instead of dropping only the right/bottom border")
-    ours.add_argument("--empty-sites", dest="empty_sites", choices=("drop", "center"), default="drop",
+    ours.add_argument("--empty-sites", dest="empty_sites", choices=EMPTY_SITE_RULES, default=D["empty_sites"],
                       help="site without valid tile: drop it (reported) or use its middle tile (the paper)")
-    ours.add_argument("--well-pool", dest="well_pool", choices=("tiles", "sites"), default="tiles",
+    ours.add_argument("--well-pool", dest="well_pool", choices=WELL_POOLS, default=D["well_pool"],
                       help="well profile from all valid tiles of the well (the paper) or from its site profiles")
-    ours.add_argument("--cell-factor", dest="cell_factor", type=float, default=0.7,
+    ours.add_argument("--cell-factor", dest="cell_factor", type=float, default=D["cell_factor"],
                       help="a pixel has cells above this fraction of the Otsu threshold")
-    ours.add_argument("--min-cell-fraction", dest="min_cell_fraction", type=float, default=0.01,
+    ours.add_argument("--min-cell-fraction", dest="min_cell_fraction", type=float, default=D["min_cell_fraction"],
                       help="a tile is valid with at least this fraction of cell pixels")
     norm = p.add_argument_group("normalisation")
-    norm.add_argument("--controls", default="auto", choices=("auto", "DMSO", "negcon"),
+    norm.add_argument("--controls", default=D["controls"], choices=CONTROL_CHOICES,
                       help="negative controls: DMSO perturbation, control_type negcon, or negcon when annotated")
-    norm.add_argument("--control-query", dest="control_query", default=None,
+    norm.add_argument("--control-query", dest="control_query", default=D["control_query"],
                       help="pandas query selecting control wells (overrides --controls)")
-    norm.add_argument("--norm-scope", dest="norm_scope", choices=SCOPES, default="paper",
+    norm.add_argument("--norm-scope", dest="norm_scope", choices=SCOPES, default=D["norm_scope"],
                       help="paper: standardize/mad_robustize per plate, spherize over all plates")
-    norm.add_argument("--mad-reference", dest="mad_reference", choices=("all", "controls"), default="all",
+    norm.add_argument("--mad-reference", dest="mad_reference", choices=MAD_REFERENCES, default=D["mad_reference"],
                       help="mad_robustize statistics from all wells (the paper) or from control wells")
     run = p.add_argument_group("run")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to embed")
-    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    run.add_argument("--device", choices=DEVICES, default=D["device"], help="where to embed")
+    run.add_argument("--precision", choices=PRECISION_CHOICES, default=D["precision"],
                      help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
     run.add_argument("--compile", action="store_true", help="torch.compile the backbone forward")
     run.add_argument("--resume", action="store_true", help="reuse finished plates in <outdir>/parts")
@@ -74,16 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-sites", dest="save_sites", action="store_true",
                      help="also write site_features.csv (raw site profiles)")
     run.add_argument("--parquet", action="store_true", help="also write parquet copies of the tables")
-    run.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+    run.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=D["local_rank"],
                      help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the flags and run the pipeline."""
-    from utils.inference import run_inference
+    """Parse the flags into one InferenceConfig (validated there) and run the pipeline."""
+    from utils.inference import run_inference  # lazy: --help must not pay for torch, timm and the models
 
-    run_inference(build_parser().parse_args(argv))
+    run_inference(InferenceConfig.from_flags(build_parser().parse_args(argv)))
     return 0
 
 

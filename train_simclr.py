@@ -5,14 +5,12 @@ from __future__ import annotations
 import sys
 
 from utils.cli import run_cli
+from utils.training import parse_config, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the flags and hand them to the shared training loop."""
-    from utils.train_args import parse_args
-    from utils.training import train
-
-    train("simclr", parse_args("simclr", sys.argv[1:] if argv is None else argv))
+    """Parse and validate the flags into one TrainConfig and hand it to the shared training loop."""
+    train(parse_config("simclr", sys.argv[1:] if argv is None else argv))
     return 0
 
 

@@ -20,8 +20,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.evaluation import metrics as M  # noqa: E402
 from utils.evaluation import EvalConfig, run_evaluation  # noqa: E402
+from utils.evaluation.metrics import PairRules, average_precision, worker_count  # noqa: E402
 
 
 def replicate_set(n: int, dim: int, seed: int, reps: int = 4, control_share: float = 0.1) -> pd.DataFrame:
@@ -46,6 +46,7 @@ def replicate_set(n: int, dim: int, seed: int, reps: int = 4, control_share: flo
 
 def bench_ap(n: int, dim: int) -> None:
     """Per-profile AP of ours vs copairs on one replicate-retrieval task; prints max diff and speed ratio."""
+    # lazy: copairs is a test/dev requirement only this comparison needs; --skip-ap runs without it
     from copairs.map import average_precision as cp_average_precision
     from copairs.matching import assign_reference_index
 
@@ -54,7 +55,7 @@ def bench_ap(n: int, dim: int) -> None:
     meta = assign_reference_index(df[["perturbation_id"]], "perturbation_id == 'DMSO'", reference_col="ref")
     rules = (["perturbation_id", "ref"], [], [], ["perturbation_id", "ref"])
     t0 = time.perf_counter()
-    ours = M.average_precision(meta, feats, M.PairRules(*(tuple(r) for r in rules)))
+    ours = average_precision(meta, feats, PairRules(*(tuple(r) for r in rules)))
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = cp_average_precision(meta, feats, *rules, progress_bar=False)
@@ -81,7 +82,7 @@ def bench_full(n: int, dim: int, reps: int) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"full evaluate: {reps} representations x {n} wells x {dim} features in {elapsed:.1f} s "
           f"(CPU {cpu:.1f} s, load average {os.getloadavg()[0]:.1f}, null size {cfg.null_size}, "
-          f"{M.worker_count()} block threads, peak RSS {peak:.0f} MB); "
+          f"{worker_count()} block threads, peak RSS {peak:.0f} MB); "
           f"pert_acc {well['pert_acc'].round(3).tolist()}", flush=True)
 
 

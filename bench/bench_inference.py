@@ -35,7 +35,8 @@ from inference import build_parser  # noqa: E402
 from models.backbones import create_backbone, embed  # noqa: E402
 from models.checkpoints import FORMAT, save_checkpoint  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
-from utils.inference import PRECISIONS, run_inference  # noqa: E402
+from utils.inference import InferenceConfig, run_inference  # noqa: E402
+from utils.precision import DTYPES  # noqa: E402
 
 PRESET_SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": {"arch": "vit_tiny", "site": 256, "tile": 128, "sites": 48, "plates": 2, "batch_size": 8, "workers": 1,
@@ -92,7 +93,7 @@ def _bare_sites_per_s(ckpt: Path, device: torch.device, tiles: int, tile: int, p
     backbone = load_backbone_for_inference(ckpt).backbone.to(device).eval()
     fn = torch.compile(lambda x: embed(backbone, x, "cls")) if compile_ else (lambda x: embed(backbone, x, "cls"))
     x = torch.randn(tiles, len(DEFAULT_CHANNELS), tile, tile, device=device)
-    dtype = PRECISIONS[precision]
+    dtype = DTYPES[precision]
 
     def step() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -128,11 +129,11 @@ def bench(argv: list[str] | None = None) -> None:
         flags = ["--ckpt", str(ckpt), "--valset", str(csv), "--size", str(cfg["tile"]), "--batch_size",
                  str(cfg["batch_size"]), "--num_workers", str(cfg["workers"]), "--precision", cfg["precision"],
                  "--device", a.device, "--norm_method", "mad_robustize", *(["--compile"] if a.compile else [])]
-        run_inference(build_parser().parse_args([*flags, "-o", str(root / "warmup")]))
+        run_inference(InferenceConfig.from_flags(build_parser().parse_args([*flags, "-o", str(root / "warmup")])))
         pipeline, bare, end_to_end = 0.0, 0.0, 0.0
         for i in range(a.repeats):  # interleaved, best of each: a shared machine slows runs at random
             t0 = time.perf_counter()
-            run_inference(build_parser().parse_args([*flags, "-o", str(root / f"out{i}")]))
+            run_inference(InferenceConfig.from_flags(build_parser().parse_args([*flags, "-o", str(root / f"out{i}")])))
             total = time.perf_counter() - t0
             run = json.loads((root / f"out{i}" / "run.json").read_text())
             n_sites, per_site = run["n_sites"], run["plates"][0]["n_tiles_per_site"]

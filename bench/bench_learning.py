@@ -63,8 +63,8 @@ def handcrafted_baseline(probe_csv: Path, out: Path) -> dict[str, float]:
 
     wells_csv = out / "well_features.csv"
     if not wells_csv.is_file():
-        handcrafted.run(handcrafted.build_parser().parse_args(
-            ["--valset", str(probe_csv), "-o", str(out), "--workers", str(max(1, min(2, os.cpu_count() or 1)))]))
+        handcrafted.run(handcrafted.HandcraftedConfig(valset=str(probe_csv), output_dir=str(out),
+                                                      workers=max(1, min(2, os.cpu_count() or 1))))
     scores = score_wells(pd.read_csv(wells_csv), wells_csv)
     return {"target_map": scores["probe_target_map"], "replicate_map": scores["probe_replicate_map"]}
 
@@ -72,12 +72,11 @@ def handcrafted_baseline(probe_csv: Path, out: Path) -> dict[str, float]:
 def train_run(method: str, train_csv: Path, probe_csv: Path, out: Path, minutes: float, seed: int,
               extra: list[str]) -> list[str]:
     """Train the small_cpu recipe in this process; returns the flags used."""
-    from utils.training.args import parse_args
-    from utils.training import train
+    from utils.training import parse_config, train
 
     flags = ["--preset", "small_cpu", "--path_df", str(train_csv), OUT_FLAG[method], str(out), "--probe_csv",
              str(probe_csv), "--max_minutes", str(minutes), "--seed", str(seed), "--no_auto_resume", *extra]
-    train(method, parse_args(method, flags))
+    train(parse_config(method, flags))
     return flags
 
 

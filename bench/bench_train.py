@@ -1,6 +1,6 @@
 """Training throughput per method (img/s) with real data loading, against a bare step on random device tensors.
 
-The data run uses the training loop's own pieces (crop dataset, DataLoader, device augmentation, Stepper); the bare
+The data run uses the training loop's own pieces (crop dataset, DataLoader, device augmentation, TrainStep); the bare
 run feeds the same model random, already-standardised view tensors of the recipe's shapes, so the ratio shows how
 much the input pipeline costs. Both include the optimizer step. After ``--warmup`` steps of each, they are timed in
 alternating windows of ``--steps`` (``--rounds`` of each) and the fastest window of each counts. On a shared CPU the
@@ -27,17 +27,14 @@ from torch.utils.data import DataLoader, Sampler  # noqa: E402
 
 from utils.cli import run_cli  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
+from utils.precision import resolve_precision  # noqa: E402
 from utils.seeding import sample_seed  # noqa: E402
-from utils.training.args import parse_args, resolve_config  # noqa: E402
-from utils.training import (  # noqa: E402
-    Stepper,
-    ViewPipeline,
-    build_model,
-    build_optimizer,
-    build_schedules,
-    load_intensity_norm,
-    resolve_precision,
-)
+from utils.training import parse_config  # noqa: E402
+from utils.training.data import ViewPipeline, load_intensity_norm  # noqa: E402
+from utils.training.loop import build_model  # noqa: E402
+from utils.training.optim import build_optimizer  # noqa: E402
+from utils.training.schedules import build_schedules  # noqa: E402
+from utils.training.step import TrainStep  # noqa: E402
 
 # The paper's crop settings per method (ViT-S/16); only the batch size and arch change between GPU and CPU.
 METHOD_FLAGS = {
@@ -103,30 +100,29 @@ def bench_method(method: str, opts: argparse.Namespace, csv: Path, device: torch
     argv = [*METHOD_FLAGS[method](opts.arch, batch), "--path_df", str(csv), "--device", str(device)]
     if opts.precision:
         argv += ["--precision", opts.precision]
-    args = parse_args(method, argv)
-    cfg = resolve_config(method, args, world_size=1)
+    cfg = parse_config(method, [*argv, *(["--compile"] if opts.compile else [])]).with_world(1)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True, launcher="single")
     precision = resolve_precision(cfg.precision, device)
     recipe = get_recipe(cfg.recipe, **{k: v for k, v in cfg.recipe_overrides.items() if v is not None})
-    norm = load_intensity_norm(cfg, list(args.channels))
+    norm = load_intensity_norm(cfg)
     torch.manual_seed(0)
-    model = build_model(method, cfg, len(args.channels), device, opts.compile).train()
+    model = build_model(cfg, device).train()
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     values = build_schedules(cfg, steps_per_epoch=100).at(50 * cfg.epochs)
-    stepper = Stepper(cfg, model, optimizer, scaler, precision, info, args.seed, ViewPipeline(recipe, norm, device))
+    stepper = TrainStep(cfg, model, optimizer, scaler, precision, info, cfg.seed, ViewPipeline(recipe, norm, device))
 
     gen = torch.Generator(device=device).manual_seed(0)
-    c = len(args.channels)
+    c = len(cfg.channels)
     bare_views = [torch.randn(v.count * batch, c, v.size, v.size, device=device, generator=gen) for v in recipe.views]
 
     def bare_step(i: int) -> None:
-        stepper.step(bare_views, 0, i, i, values)
+        stepper(bare_views, 0, i, i, values)
 
     _seconds(bare_step, 0, opts.warmup, device)
     total = opts.warmup + opts.rounds * opts.steps
-    table = load_site_table(str(csv), required=TRAIN_REQUIRED, channels=tuple(args.channels))
-    dataset = TrainCropDataset(table, recipe, channels=tuple(args.channels), seed=0)
+    table = load_site_table(str(csv), required=TRAIN_REQUIRED, channels=tuple(cfg.channels))
+    dataset = TrainCropDataset(table, recipe, channels=tuple(cfg.channels), seed=0)
     loader = DataLoader(
         dataset, batch_size=batch, sampler=_EpochStream(len(dataset), total * batch, seed=0), collate_fn=collate_views,
         num_workers=opts.num_workers, pin_memory=device.type == "cuda", drop_last=True,
@@ -135,7 +131,7 @@ def bench_method(method: str, opts: argparse.Namespace, csv: Path, device: torch
     batches = iter(loader)
 
     def data_step(i: int) -> None:
-        stepper.step(stepper.prepare(next(batches)["views"], 0, i), 0, i, i, values)
+        stepper(stepper.augment(next(batches)["views"], 0, i), 0, i, i, values)
 
     _seconds(data_step, 0, opts.warmup, device)
     bare_s, data_s = [], []

@@ -19,8 +19,7 @@ from torch.utils.data import Dataset
 
 from data.augment import AugmentRecipe, crop_and_resize, sample_crop_boxes
 from data.cellmask import DEFAULT_FACTOR, DEFAULT_MIN_FRACTION, integral_mask, otsu_threshold
-from data.io import open_site_array, read_site
-from data.prefetch import site_otsu
+from data.io import open_site_array, site_otsu
 from data.schema import DEFAULT_CHANNELS, image_paths
 from utils.errors import ConfigError, DataError
 from utils.seeding import sample_seed
@@ -112,25 +111,6 @@ class TrainCropDataset(Dataset):
             views.append(torch.from_numpy(crops))
             cell_crops += int(passed.sum())
         return {"views": views, "index": index, "cell_crops": cell_crops}
-
-
-class InferenceSiteDataset(Dataset):
-    """Every site of a table in table order, whole, as uint16, with its stored Otsu threshold (NaN when unknown)."""
-
-    def __init__(self, table: pd.DataFrame, channels: Sequence[str] = DEFAULT_CHANNELS) -> None:
-        self.table = table.reset_index(drop=True)
-        self.channels = tuple(channels)
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= int(index) < len(self.table):
-            raise IndexError(f"site index {index} out of range for {len(self.table)} sites")
-        pixels, otsu = read_site(self.table.iloc[int(index)], self.channels)
-        if not pixels.flags.writeable:  # a memory-mapped .npy: torch tensors must own writable memory
-            pixels = np.array(pixels)
-        return {"pixels": torch.from_numpy(pixels), "otsu": float(otsu), "index": int(index)}
 
 
 def seed_worker(worker_id: int) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import struct
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -411,6 +412,127 @@ def open_site_array(
     if opener is None:
         raise DataError(f"unknown site layout {layout!r}; expected one of {sorted(_SITE_OPENERS)}")
     return opener(row, tuple(channels))
+
+
+def site_otsu(row: Mapping[str, Any]) -> float:
+    """Threshold as ``read_site`` resolves it: the merged TIFF's description first, then the row's ``Otsu_th``."""
+    path = row.get(MERGED_COLUMN)
+    if isinstance(path, str) and path.lower().endswith((".tif", ".tiff")):
+        with _open_tiff(path) as tif:
+            value = _otsu_from_description(_description(tif), path)
+        if not math.isnan(value):
+            return value
+    return _row_otsu(row)
+
+
+def site_shape(row: Mapping[str, Any], channels: Sequence[str] = DEFAULT_CHANNELS) -> tuple[int, int, int]:
+    """(C, H, W) of one site without reading its pixels."""
+    return tuple(int(n) for n in open_site_array(row, channels).shape)  # type: ignore[return-value]
+
+
+_TIFF_FORMATS = {2: "s", 3: "H", 4: "I"}  # ASCII, SHORT, LONG: all that plain uncompressed uint16 pages use
+_TIFF_SIZES = {"s": 1, "H": 2, "I": 4}
+
+
+def _ifd_value(fh: Any, order: str, typ: int, count: int, raw: bytes) -> Any:
+    fmt = _TIFF_FORMATS.get(typ)
+    if fmt is None:
+        return None
+    size = _TIFF_SIZES[fmt] * count
+    if size > 4:
+        fh.seek(struct.unpack(order + "I", raw)[0])
+        raw = fh.read(size)
+    if fmt == "s":
+        return raw[:count].rstrip(b"\0").decode("utf-8", "replace")
+    return struct.unpack(f"{order}{count}{fmt}", raw[:size])
+
+
+def plain_tiff_layout(path: str, max_pages: int = 64) -> tuple[np.memmap, str] | None:
+    """(pages, H, W) memmap and page-0 description of a classic, uncompressed, contiguous uint16 multi-page TIFF.
+
+    Why: tifffile's general parser costs milliseconds of GIL-holding Python per file, which caps a thread pool at a
+    few hundred sites/s. The paper's merged TIFFs (and ours) are plain strips, so reading a few IFD entries suffices.
+    Anything else (BigTIFF, compression, tiles, interleaved samples, gaps) returns None: the caller then uses
+    ``data.io.open_site_array``, which reads every layout and names the file in its errors.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            order = {b"II": "<", b"MM": ">"}.get(head[:2])
+            if order is None or struct.unpack(order + "H", head[2:4])[0] != 42:
+                return None
+            ifd, pages, description = struct.unpack(order + "I", head[4:8])[0], [], ""
+            while ifd and len(pages) < max_pages:
+                fh.seek(ifd)
+                (n,) = struct.unpack(order + "H", fh.read(2))
+                entries = fh.read(12 * n)
+                (ifd,) = struct.unpack(order + "I", fh.read(4))
+                tags: dict[int, Any] = {}
+                for i in range(n):
+                    tag, typ, count, raw = struct.unpack(order + "HHI4s", entries[12 * i : 12 * i + 12])
+                    if tag in (256, 257, 258, 259, 270, 273, 277, 279, 284, 322, 339):
+                        tags[tag] = _ifd_value(fh, order, typ, count, raw)
+                if not pages:
+                    description = tags.get(270) or ""
+                pages.append(tags)
+        if ifd or not pages:
+            return None
+        first = pages[0]
+        height, width = first[257][0], first[256][0]
+        start, cursor = first[273][0], first[273][0]
+        for tags in pages:
+            plain = (tags.get(258, (1,))[0] == 16 and tags.get(259, (1,))[0] == 1 and tags.get(277, (1,))[0] == 1
+                     and tags.get(339, (1,))[0] == 1 and 322 not in tags)
+            if not plain or tags[257][0] != height or tags[256][0] != width:
+                return None
+            for offset, count in zip(tags[273], tags[279]):
+                if offset != cursor:
+                    return None
+                cursor += count
+        if cursor - start != len(pages) * height * width * 2 or os.path.getsize(path) < cursor:
+            return None
+        mm = np.memmap(path, dtype=order + "u2", mode="r", offset=start, shape=(len(pages), height, width))
+        return mm, description
+    except (OSError, struct.error, KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def open_plain_merged(row: Mapping[str, Any], channels: Sequence[str]) -> tuple[Any, float] | None:
+    """Pixels (lazy) and Otsu of a plain merged TIFF row, or None to take the general reader (``open_site_array``).
+
+    The inference prefetcher's fast path: no tifffile parsing, so reader threads do not contend for the GIL.
+    """
+    path = row.get(MERGED_COLUMN)
+    if row.get(LAYOUT_COLUMN) not in (None, "merged") or not isinstance(path, str):
+        return None
+    if not path.lower().endswith((".tif", ".tiff")):
+        return None
+    found = plain_tiff_layout(path)
+    if found is None:
+        return None
+    mm, text = found
+    try:
+        desc = json.loads(text) if text else {}
+    except ValueError:
+        desc = {}
+    desc = desc if isinstance(desc, dict) else {}
+    declared = desc.get("channels")
+    if isinstance(declared, list) and len(declared) == mm.shape[0] and all(isinstance(c, str) for c in declared):
+        if any(c not in declared for c in channels):
+            return None
+        idx = [declared.index(c) for c in channels]
+        pixels: Any = mm if idx == list(range(mm.shape[0])) else StackedChannels([mm[i] for i in idx])
+    elif mm.shape[0] == len(channels):
+        pixels = mm
+    else:
+        return None
+    try:
+        otsu = _otsu_from_description(desc, path)
+    except DataError:
+        return None  # the general reader reports the bad threshold with the file's name
+    return pixels, otsu if not math.isnan(otsu) else _row_otsu(row)
+
+
 
 
 def _check_pixels(pixels: np.ndarray, path: str) -> np.ndarray:

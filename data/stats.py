@@ -20,7 +20,7 @@ from tqdm import tqdm
 from data.intensity import UINT16_MAX, IntensityNorm
 from data.io import read_site
 from data.schema import DEFAULT_CHANNELS, load_site_table
-from utils.cli import run_cli
+from utils.cli import FlagParser, run_cli
 from utils.errors import ConfigError, DataError
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (0.1, 1.0, 50.0, 99.0, 99.9)
@@ -126,13 +126,13 @@ def dataset_intensity_norm(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data.stats", description=__doc__.splitlines()[0])
+    p = FlagParser(prog="python -m data.stats", description=__doc__.splitlines()[0])
     p.add_argument("dataset_csv", help="site table (paper or JUMP load_data columns)")
     p.add_argument("-o", "--output", required=True, help="IntensityNorm JSON to write (atomically)")
     p.add_argument("--sites", type=int, default=200, help="number of sites to sample (0 = all; default 200)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--channels", nargs="+", default=list(DEFAULT_CHANNELS), help="channel names in order")
-    p.add_argument("--image_root", "--image-root", dest="image_root", default=None,
+    p.add_argument("--image_root", default=None,
                    help="folder that relative image paths resolve against")
     p.add_argument("--name", default=None, help="name stored in the JSON (default: the CSV's file stem)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="reader threads")

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from data.cellmask import otsu_threshold
 from data.io import write_channel_tiffs, write_merged_tiff
 from data.schema import DEFAULT_CHANNELS
+from utils.cli import FlagParser, run_cli
 from utils.errors import ConfigError
 from utils.fileio import ensure_dir, write_csv_atomic, write_json_atomic
 from utils.seeding import sample_seed
@@ -682,7 +683,7 @@ def generate_plates(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: generate a synthetic plate set and print a one-line summary."""
-    parser = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__.splitlines()[0],
+    parser = FlagParser(prog="python -m data.synthetic", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (dataset.csv, ground_truth.json, images/)")
     parser.add_argument("--plates", type=int, default=4, help="total plates, spread round-robin over batches")
@@ -707,6 +708,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from utils.cli import run_cli
-
     run_cli(main)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
@@ -42,6 +44,69 @@ def tile_positions(height: int, width: int, size: int, stride: int | None = None
     return np.stack([yy.ravel(), xx.ravel()], axis=1)
 
 
+@dataclass(frozen=True)
+class Region:
+    """The part of every site that the tiles cover (offset and extent in a height x width site): read only it."""
+
+    height: int
+    width: int
+    y0: int
+    x0: int
+    h: int
+    w: int
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tile size, stride and centring: the one description of how sites are cut, which every consumer reads.
+
+    ``stride`` None means ``size`` (the paper's non-overlapping grid); ``center`` splits the uncovered border evenly
+    instead of leaving it at the right and bottom. Invalid values raise ``ConfigError`` here, once.
+    """
+
+    size: int
+    stride: int | None = None
+    center: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stride", _check_size_stride(self.size, self.stride))
+        object.__setattr__(self, "size", int(self.size))
+        object.__setattr__(self, "center", bool(self.center))
+
+    def layout(self, height: int, width: int) -> TileLayout:
+        """The grid on one site shape: computed once per shape, then shared by the reader and the tiler."""
+        return TileLayout(self, int(height), int(width))
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """A ``TileGrid`` placed on a site shape: tile positions, the covered region, and tiling of that region."""
+
+    grid: TileGrid
+    height: int
+    width: int
+    positions: np.ndarray = field(init=False, repr=False)
+    region: Region = field(init=False)
+
+    def __post_init__(self) -> None:
+        g = self.grid
+        pos = tile_positions(self.height, self.width, g.size, g.stride, g.center)
+        y0, x0 = int(pos[:, 0].min()), int(pos[:, 1].min())
+        h, w = int(pos[:, 0].max()) + g.size - y0, int(pos[:, 1].max()) + g.size - x0
+        object.__setattr__(self, "positions", pos)
+        object.__setattr__(self, "region", Region(self.height, self.width, y0, x0, h, w))
+
+    @property
+    def n_tiles(self) -> int:
+        """Tiles per site."""
+        return len(self.positions)
+
+    def tile(self, region_pixels: torch.Tensor) -> torch.Tensor:
+        """Tiles (B, n, C, size, size) of a batch that holds only the covered region (what the reader returns)."""
+        tiles, _ = tile_batch(region_pixels, self.grid.size, self.grid.stride)
+        return tiles
+
+
 def tile_batch(
     x: torch.Tensor, size: int, stride: int | None = None, center: bool = False
 ) -> tuple[torch.Tensor, np.ndarray]:
@@ -75,12 +140,15 @@ def tile_validity(
     factor: float = DEFAULT_FACTOR,
     min_fraction: float = DEFAULT_MIN_FRACTION,
     keep_middle_if_none: bool = False,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Which tiles hold cells (B, n), by the paper's rule on the DNA channel, for all tiles at once.
 
     ``otsu`` (B,) is in the tiles' units (raw uint16 by convention); NaN is refused, so compute missing thresholds
     first (``data.cellmask.otsu_threshold_batch``). ``keep_middle_if_none`` reproduces the paper's inference rule:
-    a site with no valid tile keeps its middle tile (index n // 2).
+    a site with no valid tile keeps its middle tile (index n // 2). ``check_finite=False`` skips the NaN check,
+    which reads the thresholds back to the host: inference, whose thresholds are never NaN, must not stall the
+    device queue on every batch.
     """
     if tiles.ndim != 5:
         raise DataError(f"tile_validity expects tiles (B, n, C, s, s), got shape {tuple(tiles.shape)}")
@@ -90,10 +158,14 @@ def tile_validity(
     thresholds = torch.as_tensor(otsu, dtype=torch.float64, device=tiles.device).reshape(-1)
     if thresholds.numel() != tiles.shape[0]:
         raise DataError(f"{thresholds.numel()} Otsu thresholds for a batch of {tiles.shape[0]} sites")
-    if bool(torch.isnan(thresholds).any()):
+    if check_finite and bool(torch.isnan(thresholds).any()):
         raise DataError("NaN Otsu threshold: compute it from the site (data.cellmask.otsu_threshold_batch) first")
     valid = has_cells(tiles[:, :, dna_index], thresholds[:, None], factor=factor, min_fraction=min_fraction)
-    if keep_middle_if_none and valid.shape[1] > 0:
-        empty = ~valid.any(dim=1)
-        valid[empty, valid.shape[1] // 2] = True
+    return middle_tile_if_empty(valid) if keep_middle_if_none else valid
+
+
+def middle_tile_if_empty(valid: torch.Tensor) -> torch.Tensor:
+    """The paper's rule for a site without any valid tile: its middle tile (index n // 2) counts. In place, no sync."""
+    if valid.shape[1] > 0:
+        valid[:, valid.shape[1] // 2] |= ~valid.any(dim=1)
     return valid

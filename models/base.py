@@ -47,12 +47,12 @@ class SSLMethod(nn.Module):
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but ``backbone``, so checkpoints keep the backbone under timm's key names."""
-        from models.checkpoints import head_state
+        from models.checkpoints import head_state  # lazy: it loads timm (~1.4 s), which loss-only users never need
 
         return head_state(self)
 
     def load_head_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Restore what ``head_state_dict`` saved (strict)."""
-        from models.checkpoints import load_head_state
+        from models.checkpoints import load_head_state  # lazy: as in head_state_dict
 
         load_head_state(self, state_dict)

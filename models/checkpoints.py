@@ -31,11 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy
+import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from data.intensity import IntensityNorm, get_intensity_norm
 from models.backbones import ARCHS, FIXED_PATCH, OVERRIDE_KEYS, POOLS, arch_config, create_backbone
 from utils.errors import CheckpointError, ConfigError
 from utils.fileio import atomic_path
@@ -64,9 +67,6 @@ def load_head_state(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
 
 def versions() -> dict[str, str]:
     """Library versions recorded in checkpoints and run files."""
-    import numpy
-    import timm
-
     return {"python": platform.python_version(), "torch": str(torch.__version__), "timm": str(timm.__version__),
             "numpy": str(numpy.__version__)}
 
@@ -228,8 +228,6 @@ def _extract_ours(path: str, obj: Mapping[str, Any], model: str | None, opts: di
         weights = "teacher"
     args = obj.get("args") or {}
     overrides = {k: args[k] for k in OVERRIDE_KEYS if isinstance(args, Mapping) and args.get(k) is not None}
-    from data.intensity import IntensityNorm
-
     return _Extracted(
         state, method, FORMAT, arch=str(obj["arch"]), overrides=overrides,
         intensity=IntensityNorm.from_dict(obj["intensity"]), channels=list(obj.get("channels") or []) or None,
@@ -372,8 +370,6 @@ def load_backbone_for_inference(
     backbone.eval()
     intensity = ex.intensity
     if intensity is None:
-        from data.intensity import get_intensity_norm
-
         intensity = get_intensity_norm(PAPER_INTENSITY[ex.method])
     info = {
         "path": path, "format": ex.fmt, "method": ex.method, "arch": arch_name, "arch_source": arch_source,

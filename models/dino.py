@@ -205,7 +205,7 @@ class DINO(SSLMethod):
     @classmethod
     def build(cls, args: dict[str, Any], in_chans: int) -> DINO:
         """Student and teacher from the paper's train_dino.py flags (drop-path on the student only)."""
-        from models.backbones import create_backbone
+        from models.backbones import create_backbone  # lazy: timm (~1.4 s) loads only when a model is built
 
         arch = args.get("arch", "vit_small")
         patch = args.get("patch_size")

@@ -59,7 +59,7 @@ class SimCLR(SSLMethod):
     @classmethod
     def build(cls, args: dict[str, Any], in_chans: int) -> SimCLR:
         """Backbone and MLP from the paper's train_simclr.py flags (``--arch``, ``--hidden_dim``, ...)."""
-        from models.backbones import create_backbone
+        from models.backbones import create_backbone  # lazy: timm (~1.4 s) loads only when a model is built
 
         backbone = create_backbone(
             args.get("arch") or "vit_small_patch16_224",

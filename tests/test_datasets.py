@@ -14,9 +14,11 @@ from torch.utils.data import DataLoader
 
 import data.datasets as datasets
 from data.augment import get_recipe
-from data.datasets import InferenceSiteDataset, TrainCropDataset, collate_views, seed_worker
+from data.datasets import TrainCropDataset, collate_views, seed_worker
 from data.io import write_channel_tiffs, write_merged_tiff, write_npy
+from data.prefetch import SitePrefetcher
 from data.schema import DEFAULT_CHANNELS, load_site_table
+from data.tiling import TileGrid
 from utils.errors import ConfigError, DataError
 
 SIZE = 48
@@ -178,17 +180,19 @@ def test_otsu_from_metadata_first_then_computed(sites, tmp_path: Path) -> None:
     assert fresh[1]["cell_crops"] == 0
 
 
-def test_inference_dataset_in_table_order(sites) -> None:
+def test_inference_reader_gives_whole_sites_in_table_order(sites) -> None:
+    """What inference reads (the prefetcher, over a grid that covers the whole site): pixels and Otsu per row."""
     table, pixels = sites
-    ds = InferenceSiteDataset(table)
-    assert len(ds) == 6
+    region = TileGrid(SIZE).layout(SIZE, SIZE).region
+    batches = list(SitePrefetcher(table, DEFAULT_CHANNELS, region, batch_size=6, device=torch.device("cpu"), threads=0))
+    assert len(batches) == 1
+    batch = batches[0]
+    assert batch.count == 6 and batch.positions.tolist() == list(range(6)) and batch.pixels.dtype == torch.uint16
     for i in range(6):
-        item = ds[i]
-        assert item["index"] == i and item["pixels"].dtype == torch.uint16
-        np.testing.assert_array_equal(item["pixels"].numpy(), pixels[i])
-    assert ds[0]["otsu"] == 15000.0 and math.isnan(ds[1]["otsu"]) and ds[4]["otsu"] == pytest.approx(15000.0)
-    batch = next(iter(DataLoader(ds, batch_size=6)))
-    assert batch["pixels"].shape == (6, 5, SIZE, SIZE) and batch["index"].tolist() == list(range(6))
+        np.testing.assert_array_equal(batch.pixels[i].numpy(), pixels[i])
+    otsu = batch.otsu.tolist()
+    assert otsu[0] == 15000.0 and math.isnan(otsu[1]) and otsu[4] == pytest.approx(15000.0)
+    assert batch.pixels.shape == (6, 5, SIZE, SIZE)
 
 
 def test_bad_configurations(sites) -> None:

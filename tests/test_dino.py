@@ -144,10 +144,12 @@ def test_head_state_round_trip_uses_paper_key_names():
 def test_registry_and_paper_param_groups():
     from models.registry import METHODS, build_method, param_groups
     from utils.errors import ConfigError
+    from utils.training.optim import apply_schedule
 
     assert set(METHODS) == {"dino", "mae", "simclr"}
     model = build_method("dino", dict(ARGS), 5)
-    decay, no_decay = param_groups(model, 0.04)
+    decay, no_decay = param_groups(model)
+    apply_schedule(torch.optim.AdamW([decay, no_decay], lr=0.0), {"lr": 1e-3, "wd": 0.04})
     assert decay["weight_decay"] == 0.04 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in no_decay["params"]} == {

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 import evaluate
-from utils.evaluation import plots
-from utils.errors import DataError
-from utils.evaluation import EvalConfig, detect_features, discover_representations, load_representation
+from utils.cli import run_cli
+from utils.errors import ConfigError, DataError
+from utils.evaluation import EvalConfig, discover_representations, load_representation, plots
+from utils.profiles.features import detect_features
 
 N_PERT, N_TARGET, BATCHES, PLATES = 16, 4, 3, 2
 
@@ -174,8 +175,6 @@ def test_single_member_labels_get_a_clear_error(tmp_path: Path, capsys: pytest.C
     df = _frame().drop_duplicates("perturbation_id")
     _write(tmp_path, df, "DINO")
     with pytest.raises(SystemExit) as exc:
-        from utils.cli import run_cli
-
         run_cli(lambda: evaluate.main(["-b", str(tmp_path.parent), "-i", tmp_path.name, "--no-progress"]))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -222,3 +221,44 @@ def test_orf_uses_gene_group_and_negcon_controls(tmp_path: Path) -> None:
     assert well["n_wells"] == N_PERT * BATCHES * PLATES and well["replicate_fraction_retrieved"] > 0.5
     maps = pd.read_csv(tmp_path / "ORF" / "map_results.csv")
     assert set(maps["task"]) == {"replicate", "gene_group"} and "EMPTY_VECTOR" not in set(maps["group"])
+
+
+@pytest.mark.parametrize(("field", "value", "flag"), [
+    ("null_size", -5, "--null-size"),
+    ("replicate_null_size", 0, "--replicate-null-size"),
+    ("threshold", 1.5, "--threshold"),
+    ("nsp_mode", "nearest", "--nsp-mode"),
+    ("metadata_preset", "cellprofiler", "--metadata-preset"),
+    ("batch_classifier", "svm", "--batch-classifier"),
+    ("seed", -1, "--seed"),
+    ("column_map", [("Metadata_Well", "well"), ("Metadata_Well", "plate")], "--map"),
+])
+def test_config_rejects_bad_values_naming_the_flag(tmp_path: Path, field: str, value: object, flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        _cfg(tmp_path, **{field: value})
+    cfg = _cfg(tmp_path, column_map=[("Metadata_Well", "well")], controls="DMSO")
+    assert cfg.column_map == {"Metadata_Well": "well"} and cfg.controls == ("DMSO",)
+    with pytest.raises(AttributeError):
+        cfg.null_size = 5  # frozen: nothing below run_evaluation can change a setting
+
+
+def test_hyphen_and_underscore_spellings_parse_the_same(capsys: pytest.CaptureFixture) -> None:
+    base = ["-i", "x"]
+    pairs = [
+        (["--null-size", "7"], ["--null_size", "7"]),
+        (["--replicate-null-size", "9"], ["--replicate_null_size", "9"]),
+        (["--nsp-mode", "well_position"], ["--nsp_mode", "well_position"]),
+        (["--metadata-preset", "pycytominer"], ["--metadata_preset", "pycytominer"]),
+        (["--replicate-diffby", "dose"], ["--replicate_diffby", "dose"]),
+        (["--batch-classifier", "logistic"], ["--batch_classifier", "logistic"]),
+        (["--compare-to", "Random"], ["--compare_to", "Random"]),
+        (["--no-progress", "--no-figures"], ["--no_progress", "--no_figures"]),
+    ]
+    for hyphen, underscore in pairs:
+        assert evaluate.parse_args(base + hyphen) == evaluate.parse_args(base + underscore) != evaluate.parse_args(base)
+    assert evaluate.parse_args(base + ["--null", "7"]).null_size == 7  # an abbreviation stays unambiguous
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--null-size NULL_SIZE" in help_text and "also accept underscores (--null_size)" in help_text
+    assert "[paper]" in help_text and "the paper's evaluate.py has -i/--input" in help_text

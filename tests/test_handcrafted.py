@@ -13,22 +13,13 @@ import pytest
 from data.schema import DEFAULT_CHANNELS
 from utils.cli import run_cli
 from utils.errors import ConfigError, DataError
-from utils.handcrafted import (
-    COUNT_COLUMN,
-    MeasureOptions,
-    Segmentation,
-    SegmentationParams,
-    aggregate,
-    drop_incomplete,
-    feature_columns,
-    limit_sites,
-    main,
-    measure,
-    measure_site,
-    normalize,
-    segment,
-    site_profile,
-)
+from utils.handcrafted.cli import build_parser, main
+from utils.handcrafted.config import HandcraftedConfig
+from utils.handcrafted.measure import COUNT_COLUMN, FEATURE_GROUPS, MeasureOptions, measure, measure_site, site_profile
+from utils.handcrafted.profiles import aggregate, drop_incomplete, limit_sites, normalize
+from utils.handcrafted.segment import Segmentation, SegmentationParams, segment
+from utils.profiles.features import feature_columns
+from utils.profiles.normalize import NO_NORMALISATION
 
 DNA = DEFAULT_CHANNELS.index("DNA")
 SMALL = SegmentationParams(nucleus_diameter=16.0, min_nucleus_area=30, max_cell_distance=20.0)
@@ -210,6 +201,7 @@ def test_normalize_needs_two_control_wells_per_plate() -> None:
     with pytest.raises(DataError, match="plate 'p2' has 1 control well"):
         normalize(wells, "mad_robustize")
     assert normalize(wells, "none")[0] is wells
+    assert normalize(wells, NO_NORMALISATION)[0] is wells
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +233,7 @@ def test_cli_end_to_end_on_synthetic_plate(plate: Path, tmp_path: Path) -> None:
     assert np.allclose(ctrl["Nuclei_AreaShape_Area"].median(), 0.0, atol=1e-9)  # mad_robustize on 2 controls
     run = json.loads((out / "run.json").read_text())
     assert run["n_sites"] == 8 and run["n_wells"] == 8 and run["n_objects"] > 0
+    assert run["args"] == dataclasses.asdict(HandcraftedConfig(**vars(build_parser().parse_args(args))))
     site_rows = pd.read_csv(out / "site_features.csv")
     assert (site_rows[COUNT_COLUMN] >= 1).all()
 
@@ -272,8 +265,6 @@ def test_measure_rejects_wrong_channel_count() -> None:
 
 
 def test_every_feature_group_names_channels_in_cellprofiler_style() -> None:
-    from utils.handcrafted import FEATURE_GROUPS
-
     labels, pixels = _known_objects()
     for group in FEATURE_GROUPS:
         out = measure(labels, pixels, DEFAULT_CHANNELS, MeasureOptions(features=(group,), texture_channels=("ER",)))
@@ -286,3 +277,84 @@ def test_every_feature_group_names_channels_in_cellprofiler_style() -> None:
     assert "Granularity_1_Mito" in measure(labels, pixels, DEFAULT_CHANNELS, MeasureOptions(features=("granularity",)))
     assert "Correlation_Correlation_Mito_DNA" in measure(labels, pixels, DEFAULT_CHANNELS,
                                                          MeasureOptions(features=("correlation",)))
+
+
+# ---- configuration: one place that validates, one set of defaults, both flag spellings ---------------------------
+
+BAD_SETTINGS = {
+    "workers": ({"workers": 0}, "--workers must be >= 1"),
+    "features": ({"features": "intensity,bogus"}, "--features 'bogus'"),
+    "no_features": ({"features": ","}, "--features ''"),
+    "channels": ({"channels": "DNA,RNA,ER,Mito"}, "channel 'AGP' is needed for segmentation but --channels"),
+    "cyto_channels": ({"cyto_channels": "AGP,Foo"}, "channel 'Foo' is needed for segmentation"),
+    "feature_select": ({"feature_select": "variance_threshold,bogus"}, "--feature_select 'bogus'"),
+    "max_sites_per_well": ({"max_sites_per_well": 0}, "--max_sites_per_well must be >= 1"),
+    "norm_method": ({"norm_method": "spherize"}, "--norm_method 'spherize'"),
+    "site_operation": ({"site_operation": "max"}, "--site_operation 'max'"),
+    "well_operation": ({"well_operation": "max"}, "--well_operation 'max'"),
+    "controls": ({"controls": "bogus"}, "--controls 'bogus'"),
+    "nucleus_diameter": ({"nucleus_diameter": -3.0}, "nucleus_diameter must be > 0"),
+    "min_nucleus_area": ({"min_nucleus_area": -1}, "min_nucleus_area must be >= 0"),
+    "max_cell_distance": ({"max_cell_distance": 0.0}, "max_cell_distance must be > 0"),
+    "texture_scale": ({"texture_scale": 0}, "texture_scale must be >= 1"),
+    "texture_gray_levels": ({"texture_gray_levels": 1}, "texture_gray_levels must be >= 2"),
+}
+
+
+def _argv(settings: dict[str, object], valset: str = "missing.csv", out: str = "out") -> list[str]:
+    argv = ["--valset", valset, "-o", out]
+    for name, value in settings.items():
+        argv += [f"--{name}", str(value)]
+    return argv
+
+
+@pytest.mark.parametrize("case", list(BAD_SETTINGS))
+def test_config_rejects_a_bad_setting_from_python_and_from_the_cli(case: str, tmp_path: Path) -> None:
+    settings, message = BAD_SETTINGS[case]
+    with pytest.raises(ConfigError, match=message) as from_python:
+        HandcraftedConfig(valset="missing.csv", output_dir=str(tmp_path / "o"), **settings)
+    # the CLI fails with the same message before it reads the (missing) site table or creates the output folder
+    with pytest.raises(ConfigError) as from_cli:
+        main(_argv(settings, out=str(tmp_path / "o")))
+    assert str(from_cli.value) == str(from_python.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_controls_are_checked_only_where_they_are_read() -> None:
+    assert HandcraftedConfig(valset="v", output_dir="o", controls="bogus", norm_method="none").controls == "bogus"
+    assert HandcraftedConfig(valset="v", output_dir="o", controls="bogus", control_query="plate == 'p'")
+
+
+def test_cli_defaults_are_the_config_defaults() -> None:
+    parsed = vars(build_parser().parse_args(["--valset", "v", "-o", "o"]))
+    assert list(parsed) == [f.name for f in dataclasses.fields(HandcraftedConfig)]  # one flag per field, in order
+    assert HandcraftedConfig(**parsed) == HandcraftedConfig(valset="v", output_dir="o")
+
+
+def test_norm_method_none_is_an_alias_of_no_post_proc() -> None:
+    assert NO_NORMALISATION == "no_post_proc"
+    none = HandcraftedConfig(**vars(build_parser().parse_args(["--valset", "v", "-o", "o", "--norm_method", "none"])))
+    assert none.norm_method == NO_NORMALISATION
+    assert none == HandcraftedConfig(valset="v", output_dir="o", norm_method="no_post_proc")
+    assert dataclasses.asdict(none)["norm_method"] == NO_NORMALISATION  # what run.json records
+
+
+def test_hyphen_spellings_parse_to_the_same_config() -> None:
+    settings = {"image_root": "/images", "channels": "DNA,AGP,RNA", "workers": 3, "features": "intensity,texture",
+                "texture_channels": "DNA", "texture_scale": 2, "texture_gray_levels": 32, "intensity_edges": "true",
+                "nucleus_diameter": 18.5, "min_nucleus_area": 25, "max_cell_distance": 40.0,
+                "discard_border": "false", "cyto_channels": "AGP,RNA", "site_operation": "mean",
+                "well_operation": "median", "max_sites_per_well": 2, "norm_method": "standardize",
+                "controls": "DMSO", "control_query": "plate == 'p'", "feature_select": "blocklist",
+                "corr_threshold": 0.8}
+    fields = {f.name for f in dataclasses.fields(HandcraftedConfig)}
+    assert set(settings) == fields - {"valset", "output_dir"}  # every optional flag is exercised
+    underscore = build_parser().parse_args(_argv(settings))
+    hyphen = build_parser().parse_args(
+        ["--valset", "missing.csv", "--output-dir", "out",
+         *[token.replace("_", "-") if token.startswith("--") else token for token in _argv(settings)[4:]]])
+    assert underscore == hyphen
+    cfg = HandcraftedConfig(**vars(hyphen))
+    assert cfg.channel_names == ("DNA", "AGP", "RNA") and cfg.select_operations == ("blocklist",)
+    assert cfg.segmentation.discard_border is False and cfg.measurement.intensity_edges is True
+    assert cfg.max_sites_per_well == 2 and cfg.corr_threshold == 0.8

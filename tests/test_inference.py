@@ -18,15 +18,17 @@ import torch
 
 from data.intensity import PRESETS
 from data.io import read_site, write_merged_tiff
-from data.prefetch import Region, SitePrefetcher
+from data.prefetch import SitePrefetcher
 from data.schema import DEFAULT_CHANNELS, load_site_table
 from data.synthetic import generate_plates
+from data.tiling import Region
 from inference import build_parser, main
 from models.backbones import create_backbone
 from models.checkpoints import FORMAT, load_backbone_for_inference, save_checkpoint
-from utils.inference import pipeline
 from utils.cli import run_cli
 from utils.errors import ConfigError, DataError
+from utils.inference import InferenceConfig, pipeline
+from utils.inference.context import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE = 32
@@ -59,7 +61,7 @@ def _args(data: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _run(data: Path, ckpt: Path, out: Path, *extra: str) -> Path:
-    return pipeline.run_inference(build_parser().parse_args(_args(data, ckpt, out, *extra)))
+    return pipeline.run_inference(InferenceConfig.from_flags(build_parser().parse_args(_args(data, ckpt, out, *extra))))
 
 
 def _copy(data: Path, tmp_path: Path) -> Path:
@@ -235,12 +237,13 @@ def test_prefetcher_reads_regions_like_read_site(data_dir: Path, tmp_path: Path)
     assert seen == list(range(16)) * 2
 
 
-def test_invalid_gpu_id_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_gpu_id_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    args = build_parser().parse_args(["--ckpt", "x.pth", "-o", "o", "--gpus", "3"])
+    (tmp_path / "x.pth").touch()
+    args = build_parser().parse_args(["--ckpt", str(tmp_path / "x.pth"), "-o", "o", "--gpus", "3"])
     with pytest.raises(ConfigError, match="--gpus 3"):
-        pipeline._resolve_device(args)
+        resolve_device(InferenceConfig.from_flags(args))
 
 
 def _free_port() -> int:
@@ -302,7 +305,8 @@ def test_checkpoint_channel_order_is_honoured(data_dir: Path, ckpt: Path, tmp_pa
 def test_fast_tiff_reader_equals_the_general_reader(tmp_path: Path, variant: str) -> None:
     import tifffile
 
-    from data.prefetch import plain_tiff_layout, read_site_region
+    from data.io import plain_tiff_layout
+    from data.prefetch import read_site_region
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 60000, size=(5, 40, 48), dtype=np.uint16)

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.dino import DINOLoss
 from models.collapse import CollapseMonitor, dino_stats, effective_rank, embedding_spread, teacher_entropy
+from models.dino import DINOLoss
 from utils.logging import RunLogger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_probe_equals_evaluate(plates: dict[str, Path], tmp_path: Path) -> None:
     probe = Probe(ProbeConfig(plates["probe"], size=32), "dino", channels, get_intensity_norm("paper_train"),
                   torch.device("cpu"))
     with torch.no_grad():
-        wells = embed_profiles(probe.context(backbone), probe.table, probe.args, channels)
+        wells = embed_profiles(probe.context(backbone), probe.table, probe.inference)
     ours = probe.score_wells(wells)
     folder = tmp_path / "emb" / "probe"
     folder.mkdir(parents=True)
@@ -270,11 +270,10 @@ def test_dataset_intensity_is_the_training_tables_statistics(plates: dict[str, P
     """--intensity dataset stores data.stats' figures for the training table in the checkpoint."""
     from data.schema import TRAIN_REQUIRED, load_site_table
     from data.stats import dataset_intensity_norm
-    from utils.training.args import parse_args
-    from utils.training import train
+    from utils.training import parse_config, train
 
     out = tmp_path / "ds"
-    train("dino", parse_args("dino", [*DINO_TINY, "--path_df", str(plates["train"]), "--output_dir", str(out),
+    train(parse_config("dino", [*DINO_TINY, "--path_df", str(plates["train"]), "--output_dir", str(out),
                                       "--epochs", "1", "--intensity", "dataset"]))
     stored = torch.load(out / "checkpoint.pth", weights_only=True)["intensity"]
     table = load_site_table(plates["train"], channels=tuple(stored["channels"]), required=TRAIN_REQUIRED)
@@ -297,23 +296,22 @@ def test_koleo_matches_brute_force_nearest_neighbour() -> None:
 
 def test_bad_learning_flags_are_one_line_errors(tmp_path: Path) -> None:
     from utils.errors import ConfigError
-    from utils.training.args import parse_args
-    from utils.training import probe_config
+    from utils.training import parse_config
 
     with pytest.raises(ConfigError, match="--probe_csv .*: no such file"):
-        parse_args("dino", ["--probe_csv", str(tmp_path / "missing.csv")])
+        parse_config("dino", ["--probe_csv", str(tmp_path / "missing.csv")])
     with pytest.raises(ConfigError, match="--max_minutes must be > 0"):
-        parse_args("mae", ["--max_minutes", "0"])
+        parse_config("mae", ["--max_minutes", "0"])
     csv = tmp_path / "probe.csv"
     csv.write_text("x\n")
     with pytest.raises(ConfigError, match="--probe_every must be >= 1"):
-        probe_config(parse_args("dino", ["--probe_csv", str(csv), "--probe_every", "0"]))
-    assert probe_config(parse_args("dino", [])) is None
+        parse_config("dino", ["--probe_csv", str(csv), "--probe_every", "0"])
+    assert parse_config("dino", []).probe is None
 
 
 def test_augment_preview_writes_views_and_stats(plates: dict[str, Path], tmp_path: Path) -> None:
     """The view-inspection tool draws training views as a run does and reports their statistics."""
-    from data.augment_preview import main
+    from utils.training.preview import main
 
     out = tmp_path / "preview"
     assert main(["--path_df", str(plates["train"]), "--method", "simclr", "--out", str(out), "--batches", "1",

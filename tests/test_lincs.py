@@ -14,8 +14,8 @@ from copairs.map import mean_average_precision as cp_mean_average_precision
 from copairs.matching import assign_reference_index
 
 import evaluate
-from utils.evaluation import metrics as M
-from utils.evaluation import EvalConfig, control_mask, load_representation
+from utils.evaluation import EvalConfig, control_wells, load_representation
+from utils.evaluation.metrics import PairRules, average_precision, mean_average_precision
 
 PLATE = Path(__file__).resolve().parents[2] / "shared" / "data" / "lincs_SQ00015054"
 CSV = PLATE / "SQ00015054_normalized_feature_select.csv.gz"
@@ -42,7 +42,7 @@ def test_plate_loads_as_cellprofiler_folder(folder: Path) -> None:
     rep = load_representation("CellProfiler", folder / "CellProfiler" / "well_features.csv.gz", cfg)
     assert rep.kind == "CellProfiler" and rep.x.shape == (384, 454)
     assert not any(f.startswith("Metadata") for f in rep.features)
-    assert control_mask(rep.meta, cfg).sum() == 24
+    assert control_wells(rep.meta, cfg).sum() == 24
 
 
 def test_replicate_retrieval_across_doses_equals_copairs(folder: Path, tmp_path: Path) -> None:
@@ -52,14 +52,14 @@ def test_replicate_retrieval_across_doses_equals_copairs(folder: Path, tmp_path:
     meta = assign_reference_index(meta, "perturbation_id == 'DMSO'", reference_col="ref")
     rules = (["perturbation_id", "ref"], ["dose"], [], ["perturbation_id", "ref"])
     ref = cp_average_precision(meta, rep.x, *rules, progress_bar=False)
-    mine = M.average_precision(meta, rep.x, M.PairRules(*(tuple(r) for r in rules)))
+    mine = average_precision(meta, rep.x, PairRules(*(tuple(r) for r in rules)))
     trt = (meta["perturbation_id"] != "DMSO").to_numpy()
     a, b = mine["average_precision"].to_numpy()[trt], ref["average_precision"].to_numpy()[trt]
     assert np.isfinite(b).sum() >= 330
     assert (np.isnan(a) == np.isnan(b)).all() and np.nanmax(np.abs(a - b)) <= 1e-9
     ref_map = cp_mean_average_precision(ref[trt], ["perturbation_id"], null_size=NULL_SIZE, threshold=0.05, seed=507,
                                         progress_bar=False, cache_dir=tmp_path)
-    my_map = M.mean_average_precision(mine[trt], ["perturbation_id"], NULL_SIZE, 0.05, 507)
+    my_map = mean_average_precision(mine[trt], ["perturbation_id"], NULL_SIZE, 0.05, 507)
     assert len(my_map) == len(ref_map) >= 50
     for col in ("mean_average_precision", "p_value", "corrected_p_value"):
         assert np.abs(my_map[col].to_numpy(float) - ref_map[col].to_numpy(float)).max() <= 1e-9, col

@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from models.registry import param_groups
 from utils.errors import ConfigError
-from utils.training.schedules import constant_schedule, cosine_schedule, linear_warmup_constant
-from utils.training.args import parse_args, resolve_config
-from utils.training import apply_schedule, build_schedules, clip_gradients, param_groups
+from utils.training import config_from_flags, parse_config
+from utils.training.args import parse_args
+from utils.training.optim import apply_schedule, clip_gradients
+from utils.training.schedules import build_schedules, constant_schedule, cosine_schedule, linear_warmup_constant
 
 
 def _mae_reference(lr: float, min_lr: float, epochs: int, iters: int, warmup: int) -> np.ndarray:
@@ -62,9 +64,9 @@ def test_teacher_temperature_ramp_then_constant():
 
 
 def test_dino_resolution_scales_lr_and_builds_all_schedules():
-    args = parse_args("dino", ["--lr", "0.004", "--batch_size_per_gpu", "64", "--epochs", "4", "--warmup_epochs", "1",
+    args = parse_config("dino", ["--lr", "0.004", "--batch_size_per_gpu", "64", "--epochs", "4", "--warmup_epochs", "1",
                                "--momentum_teacher", "0.9995", "--warmup_teacher_temp", "0.01"])
-    cfg = resolve_config("dino", args, world_size=2)
+    cfg = args.with_world(2)
     assert cfg.lr == pytest.approx(0.004 * 128 / 256)
     sch = build_schedules(cfg, steps_per_epoch=5)
     assert len(sch.lr) == len(sch.wd) == len(sch.momentum) == len(sch.teacher_temp) == 20
@@ -75,16 +77,15 @@ def test_dino_resolution_scales_lr_and_builds_all_schedules():
 
 def test_mae_lr_counts_samples_per_image_and_checks_world_size():
     argv = ["--world_size", "4", "--samples_per_image", "4", "--batch_size", "64", "--blr", "1.5e-4"]
-    cfg = resolve_config("mae", parse_args("mae", argv), world_size=4)
+    cfg = parse_config("mae", argv).with_world(4)
     assert cfg.lr == pytest.approx(1.5e-4 * 64 * 4 * 4 / 256)
     assert cfg.betas == (0.9, 0.95)
     with pytest.raises(ConfigError, match="--world_size 4"):
-        resolve_config("mae", parse_args("mae", argv), world_size=2)
+        parse_config("mae", argv).with_world(2)
 
 
 def test_simclr_global_batch_is_divided():
-    args = parse_args("simclr", ["--ckpt_path", "x", "--batch_size", "256", "--scale", "0.3"])
-    cfg = resolve_config("simclr", args, world_size=3)
+    cfg = parse_config("simclr", ["--ckpt_path", "x", "--batch_size", "256", "--scale", "0.3"]).with_world(3)
     assert cfg.batch_per_gpu == 85 and cfg.recipe_overrides["scale"] == (0.3, 1.0)
     assert cfg.warmup_start_lr == pytest.approx(1e-6) and cfg.warmup_epochs == 30
 
@@ -151,15 +152,17 @@ def test_per_tensor_clip_matches_paper_rule_and_global_clip_matches_torch():
 )
 def test_dead_or_bad_flags_fail_with_advice(method, argv, match):
     with pytest.raises(ConfigError, match=match):
-        parse_args(method, argv)
+        parse_config(method, argv)
 
 
 def test_paper_flag_spellings_parse():
     dino = parse_args("dino", ["--norm_last_layer", "off", "--use_fp16", "1", "--local-rank=1",
                                "--global_crops_scale", "0.2", "0.4", "--local_crops_scale", "0.05"])
     assert dino.norm_last_layer is False and dino.use_fp16 is True and dino.local_rank == 1
-    assert dino.global_crops_scale == (0.2, 0.4) and dino.local_crops_scale == (0.05, 1.0)
-    assert resolve_config("dino", dino, 1).precision == "fp16"
+    cfg = config_from_flags("dino", dino).with_world(1)
+    assert cfg.recipe_overrides["global_crops_scale"] == (0.2, 0.4)
+    assert cfg.recipe_overrides["local_crops_scale"] == (0.05, 1.0)
+    assert cfg.flags["global_crops_scale"] == [0.2, 0.4] and cfg.precision == "fp16"
     mae = parse_args("mae", ["--no_pin_mem", "--local_rank", "2"])
     assert mae.pin_mem is False and mae.local_rank == 2
 
@@ -181,7 +184,7 @@ README_COMMANDS = {
 @pytest.mark.parametrize("method", sorted(README_COMMANDS))
 def test_readme_commands_resolve_to_the_papers_settings(method):
     world = {"dino": 2, "mae": 4, "simclr": 2}[method]
-    cfg = resolve_config(method, parse_args(method, README_COMMANDS[method].split()), world_size=world)
+    cfg = parse_config(method, README_COMMANDS[method].split()).with_world(world)
     expected = {"dino": (0.004 * 128 / 256, 64, 200), "mae": (6e-4, 64, 200), "simclr": (1e-3, 128, 200)}[method]
     assert (cfg.lr, cfg.batch_per_gpu, cfg.epochs) == pytest.approx(expected)
     assert cfg.ckpt_pattern == ("checkpoint-{epoch:04}.pth" if method == "mae" else "checkpoint{epoch:04}.pth")

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from models.backbones import create_backbone
-from utils.training.args import parse_args, resolve_config
-from utils.training import apply_schedule, build_model, build_optimizer, clip_gradients, train
+from utils.training import parse_config, train
+from utils.training.loop import build_model
+from utils.training.optim import apply_schedule, build_optimizer, clip_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -63,10 +64,10 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("method", ["dino", "mae", "simclr"])
 def test_loss_is_finite_and_decreases_on_a_fixed_batch(method):
-    args = parse_args(method, [*TINY[method], "--ckpt_path", "unused"] if method == "simclr" else TINY[method])
-    cfg = resolve_config(method, args, world_size=1)
+    cfg = parse_config(method, [*TINY[method], "--ckpt_path", "unused"] if method == "simclr" else TINY[method])
+    cfg = cfg.with_world(1)
     torch.manual_seed(0)
-    model = build_model(method, cfg, in_chans=5, device=torch.device("cpu"), compile_=False)
+    model = build_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(cfg, model)
     apply_schedule(optimizer, {"lr": 1e-3, "wd": 0.0})
     views = {
@@ -103,7 +104,7 @@ def test_loss_is_finite_and_decreases_on_a_fixed_batch(method):
 def test_resume_reaches_the_same_weights_and_checkpoints_are_complete(method, plate, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     accum = ("--accum_iter", "2") if method == "mae" else ()  # MAE also checks gradient accumulation
-    train(method, parse_args(method, _argv(method, plate, straight, 2, *accum)))
+    train(parse_config(method, _argv(method, plate, straight, 2, *accum)))
     numbered = "checkpoint{:04}.pth" if method == "dino" else "checkpoint-{:04}.pth"
     assert (straight / numbered.format(1)).is_file() and (straight / numbered.format(2)).is_file()
     if method == "dino":  # automatic resume from OUTPUT/checkpoint.pth, as after a kill during epoch 2
@@ -112,7 +113,7 @@ def test_resume_reaches_the_same_weights_and_checkpoints_are_complete(method, pl
         extra: tuple[str, ...] = ()
     else:
         extra = ("--resume", str(straight / numbered.format(1)), *accum)
-    train(method, parse_args(method, _argv(method, plate, resumed, 2, *extra)))
+    train(parse_config(method, _argv(method, plate, resumed, 2, *extra)))
     a, b = _load(straight / "checkpoint.pth"), _load(resumed / "checkpoint.pth")
     _assert_same_state(a, b)
 
@@ -137,7 +138,7 @@ def test_same_seed_gives_the_same_weights_with_any_worker_count(plate, tmp_path)
     for workers in ("0", "2"):
         argv = _argv("dino", plate, tmp_path / workers, 1)
         argv[argv.index("--num_workers") + 1] = workers
-        train("dino", parse_args("dino", argv))
+        train(parse_config("dino", argv))
     a, b = _load(tmp_path / "0" / "checkpoint.pth"), _load(tmp_path / "2" / "checkpoint.pth")
     _assert_same_state(a, b)
 
@@ -145,9 +146,9 @@ def test_same_seed_gives_the_same_weights_with_any_worker_count(plate, tmp_path)
 def test_resume_rejects_another_methods_checkpoint(plate, tmp_path):
     from utils.errors import CheckpointError
 
-    train("mae", parse_args("mae", _argv("mae", plate, tmp_path / "mae", 1)))
+    train(parse_config("mae", _argv("mae", plate, tmp_path / "mae", 1)))
     with pytest.raises(CheckpointError, match="not a dino training checkpoint"):
-        train("dino", parse_args("dino", _argv("dino", plate, tmp_path / "d", 1, "--resume",
+        train(parse_config("dino", _argv("dino", plate, tmp_path / "d", 1, "--resume",
                                                str(tmp_path / "mae" / "checkpoint.pth"))))
 
 

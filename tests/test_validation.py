@@ -13,8 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 from utils.errors import ConfigError
+from utils.training import parse_config, train
 from utils.training.args import VAL_GROUPS, parse_args
-from utils.training import train
 from utils.training.validation import GROUP_COLUMNS, contrastive_metrics, positive_ranks, rank_metrics, split_sites
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_split_errors_name_the_fix():
         split_sites(_table(plates=1), 0.2, "plate", 0)
     assert set(VAL_GROUPS) == set(GROUP_COLUMNS)
     with pytest.raises(ConfigError, match="val_fraction"):
-        parse_args("simclr", ["--ckpt_path", "x", "--val_fraction", "1"])
+        parse_config("simclr", ["--ckpt_path", "x", "--val_fraction", "1"])
     assert parse_args("simclr", ["--ckpt_path", "x"]).val_fraction == 0.2
     assert parse_args("dino", []).val_fraction == 0.0
 
@@ -151,7 +151,7 @@ def _run(method: str, plate: Path, out: Path, *extra: str) -> list[dict]:
     out_flag, epochs_flag = ("--ckpt_path", "--max_epochs") if method == "simclr" else ("--output_dir", "--epochs")
     argv = [*TINY[method], "--path_df", str(plate), out_flag, str(out), epochs_flag, "2", "--num_workers", "0",
             "--max_steps_per_epoch", "2", "--device", "cpu", *extra]
-    train(method, parse_args(method, argv))
+    train(parse_config(method, argv))
     return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
 

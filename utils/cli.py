@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from utils.errors import UserError
 
@@ -28,6 +30,50 @@ def bool_flag(value: str) -> bool:
         return True
     if lowered in {"off", "false", "0", "no"}:
         return False
-    import argparse
-
     raise argparse.ArgumentTypeError(f"invalid boolean value {value!r}: use true/false, on/off or 1/0")
+
+
+SPELLING_NOTE = "Every flag takes both spellings, --a_b and --a-b; the one listed first is the paper's (or ours)."
+
+
+def alternate_spelling(flag: str) -> str | None:
+    """``--a_b`` <-> ``--a-b`` for a long flag (None for short flags and single words)."""
+    if not flag.startswith("--"):
+        return None
+    body = flag[2:]
+    if "_" in body:
+        return "--" + body.replace("_", "-")
+    if "-" in body:
+        return "--" + body.replace("-", "_")
+    return None
+
+
+def respell(argv: Sequence[str], known: Iterable[str]) -> list[str]:
+    """Rewrite each ``--flag[=value]`` that the parser does not know into its other spelling when that one is known.
+
+    Pure and order-preserving; stops at ``--`` so positional values are never touched.
+    """
+    known = set(known)
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            return out + list(argv[i:])
+        name, sep, value = token.partition("=")
+        other = alternate_spelling(name)
+        if name not in known and other is not None and other in known:
+            token = other + sep + value
+        out.append(token)
+    return out
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ArgumentParser that accepts both spellings of every long flag (``--norm_method`` and ``--norm-method``).
+
+    Why: the paper's flags use underscores, several of ours used hyphens; users type either. Flags are stored
+    once, under the spelling given to ``add_argument``, so ``--help`` shows the paper's spelling first.
+    """
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        """Respell the command line, then parse it as argparse does."""
+        argv = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(respell(argv, self._option_string_actions), namespace)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from utils.errors import ConfigError
 
@@ -178,8 +179,6 @@ def _spawned(local_rank: int, fn: Callable[..., Any], world: int, args: tuple[An
 
 def spawn_local(fn: Callable[..., Any], nprocs: int, args: tuple[Any, ...]) -> None:
     """Run ``fn(*args)`` in ``nprocs`` local processes with torchrun-style env (SimCLR's ``--gpus 0 1`` launch)."""
-    import torch.multiprocessing as mp
-
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(free_port())
     mp.spawn(_spawned, args=(fn, nprocs, args), nprocs=nprocs, join=True)

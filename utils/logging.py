@@ -37,6 +37,7 @@ class RunLogger:
         if is_main:
             ensure_dir(self.out_dir)
             if tensorboard:
+                # lazy: tensorboard costs about a second to import; other ranks and tensorboard=False skip it
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._writer = SummaryWriter(log_dir=str(tb_dir or self.out_dir / "tensorboard"))

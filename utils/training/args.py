@@ -1,15 +1,16 @@
-"""Parsers for the three training scripts: the paper's flags, our additions, and clear errors for dead flags."""
+"""Parsers for the three training scripts: the paper's flags, our additions, presets, and clear errors for dead flags.
+
+Parsing only: ``utils.training.config`` validates the values and builds the one ``TrainConfig``.
+"""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from data.schema import DEFAULT_CHANNELS
-from utils.cli import bool_flag
+from utils.cli import SPELLING_NOTE, FlagParser, bool_flag
 from utils.errors import ConfigError
 
 VAL_GROUPS = ("well", "plate")
@@ -33,7 +34,7 @@ def _unsupported(parser: argparse.ArgumentParser, flag: str, advice: str, **kwar
     parser.add_argument(flag, action=_Unsupported, advice=advice, **kwargs)
 
 
-def _scale(values: list[float]) -> tuple[float, float]:
+def scale_range(values: list[float]) -> tuple[float, float]:
     """Accept one float (a lower bound, upper 1.0) or two floats for a crop-area scale range."""
     if len(values) not in (1, 2):
         raise ConfigError(f"a crop scale takes one or two floats (LOW [HIGH]), got {values}")
@@ -120,20 +121,10 @@ def _add_color_aug(parser: argparse.ArgumentParser) -> None:
                         help="per-channel gamma range (default 0.8 1.25 relative, 0.5 1.5 paper); 1 1 = off")
 
 
-def _color_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The --color_aug / --aug_* flags as GpuAugment options for the recipe (None = the mode's default)."""
-    gamma = getattr(args, "aug_gamma", None)
-    return {
-        "color_mode": getattr(args, "color_aug", None),
-        "shift": getattr(args, "aug_shift", None),
-        "brightness": getattr(args, "aug_brightness", None),
-        "gamma": tuple(gamma) if gamma is not None else None,
-    }
-
-
 def dino_parser() -> argparse.ArgumentParser:
     """The paper's train_dino.py flags (defaults from its code) plus our common options."""
-    p = argparse.ArgumentParser("train_dino.py", description="DINO self-supervised training on Cell Painting sites.")
+    p = FlagParser("train_dino.py", description="DINO self-supervised training on Cell Painting sites.",
+                   epilog=SPELLING_NOTE)
     m = p.add_argument_group("model")
     m.add_argument("--arch", default="vit_small", help="backbone name from models.backbones.ARCHS")
     m.add_argument("--patch_size", type=int, default=None, help="default: the --arch name's (16 for vit_small)")
@@ -183,7 +174,8 @@ def dino_parser() -> argparse.ArgumentParser:
 
 def mae_parser() -> argparse.ArgumentParser:
     """The paper's train_mae.py flags (defaults from its code) plus our common options."""
-    p = argparse.ArgumentParser("train_mae.py", description="MAE self-supervised training on Cell Painting sites.")
+    p = FlagParser("train_mae.py", description="MAE self-supervised training on Cell Painting sites.",
+                   epilog=SPELLING_NOTE)
     p.add_argument("--batch_size", type=int, default=64, help="images per GPU (each gives --samples_per_image views)")
     p.add_argument("--epochs", type=int, default=500)
     p.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
@@ -215,7 +207,8 @@ def mae_parser() -> argparse.ArgumentParser:
 
 def simclr_parser() -> argparse.ArgumentParser:
     """The paper's train_simclr.py flags (defaults from its code) plus our common options."""
-    p = argparse.ArgumentParser("train_simclr.py", description="SimCLR self-supervised training on Cell Painting.")
+    p = FlagParser("train_simclr.py", description="SimCLR self-supervised training on Cell Painting.",
+                   epilog=SPELLING_NOTE)
     p.add_argument("--arch", default="vit_small_patch16_224", help="backbone name from models.backbones.ARCHS")
     p.add_argument("--gpus", type=int, nargs="*", default=None,
                    help="GPU ids; without a launcher, one process per id is spawned (default: every visible GPU; "
@@ -273,7 +266,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse a script's flags and reject combinations that cannot work, with a message naming the fix.
+    """Parse a script's flags (argparse only; ``utils.training.config.config_from_flags`` validates them).
 
     ``--preset NAME`` first replaces the parser's defaults with the preset's values, then the command line is parsed
     again, so explicit flags always win over the preset.
@@ -286,179 +279,4 @@ def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Names
             raise ConfigError(f"--preset {args.preset!r} is not a {method} preset; choose from {sorted(presets)}")
         parser.set_defaults(**presets[args.preset])
         args = parser.parse_args(argv)
-    check_args(method, args)
     return args
-
-
-def check_args(method: str, args: argparse.Namespace) -> None:
-    """Flag values the parser cannot check alone."""
-    if args.dist_url != "env://":
-        raise ConfigError(f"--dist_url {args.dist_url} is not supported: launch with torchrun (env://)")
-    if method == "dino":
-        if args.train_hp:
-            raise ConfigError("--train_hp true is not supported (the paper's PosPairData never existed): drop the flag")
-        if args.same_perturbations:
-            raise ConfigError("--same_perturbations true is not supported: drop the flag")
-        if args.use_annot_prob is not None:
-            raise ConfigError("--use_annot_prob only applies to --same_perturbations, which is not supported")
-        if args.loss != "dino":
-            raise ConfigError("--loss mi is not implemented: use --loss dino")
-        if args.optimizer == "lars":
-            raise ConfigError("--optimizer lars is not supported: use --optimizer adamw (the paper's) or sgd")
-        for flag in ("global_crops_scale", "local_crops_scale"):
-            if getattr(args, flag) is not None:
-                setattr(args, flag, _scale(getattr(args, flag)))
-        if args.use_fp16 and args.precision not in (None, "fp16"):
-            raise ConfigError(f"--use_fp16 true conflicts with --precision {args.precision}: give only one")
-    if method == "simclr" and args.scale is not None:
-        args.scale = _scale(args.scale)
-    for name in ("epochs", "max_epochs", "batch_size", "batch_size_per_gpu", "accum_iter", "samples_per_image",
-                 "max_steps_per_epoch", "log_every"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {value}")
-    for name in ("lr", "blr", "min_lr", "weight_decay", "weight_decay_end", "wd", "num_workers", "clip_grad"):
-        value = getattr(args, name, None)
-        if value is not None and value < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {value}")
-    for name in ("temperature", "teacher_temp", "warmup_teacher_temp"):
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{name} must be > 0, got {value}")
-    if method == "mae" and not 0 <= args.mask_ratio < 1:
-        raise ConfigError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise ConfigError(f"--max_minutes must be > 0, got {args.max_minutes}")
-    if args.probe_csv and not Path(args.probe_csv).is_file():
-        raise ConfigError(f"--probe_csv {args.probe_csv}: no such file")
-    if not 0 <= args.val_fraction < 1:
-        raise ConfigError(f"--val_fraction must be in [0, 1), got {args.val_fraction} (0 disables validation)")
-    if args.val_every < 1:
-        raise ConfigError(f"--val_every must be >= 1, got {args.val_every}")
-    if not args.channels or len(set(args.channels)) != len(args.channels):
-        raise ConfigError(f"--channels must be distinct names, got {args.channels}")
-
-
-@dataclass
-class RunConfig:
-    """One method-independent description of a run, resolved from a script's paper-named flags."""
-
-    method: str
-    arch: str
-    output_dir: Path
-    epochs: int
-    batch_per_gpu: int
-    accum_iter: int
-    lr: float
-    min_lr: float
-    warmup_epochs: float
-    warmup_start_lr: float
-    weight_decay: float
-    weight_decay_end: float
-    clip_grad: float
-    clip_mode: str
-    betas: tuple[float, float]
-    optimizer: str
-    ckpt_every: int
-    ckpt_pattern: str
-    recipe: str
-    recipe_overrides: dict[str, Any]
-    intensity: str
-    model_args: dict[str, Any]
-    momentum_teacher: float | None = None
-    teacher_temp: tuple[float, float, int] | None = None
-    tb_dir: Path | None = None
-    start_epoch: int = 0
-    pin_mem: bool = True
-    precision: str | None = None
-    hparams: dict[str, Any] = field(default_factory=dict)
-
-
-def plain_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags as a dict of plain types, so checkpoints load with ``torch.load(weights_only=True)``."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        return str(value)
-
-    return {key: plain(value) for key, value in vars(args).items()}
-
-
-def _dino_config(args: argparse.Namespace, world_size: int) -> RunConfig:
-    overrides = {
-        "global_crops_size": args.global_crops_size,
-        "local_crops_size": args.local_crops_size,
-        "local_crops_number": args.local_crops_number,
-        "global_crops_scale": args.global_crops_scale,
-        "local_crops_scale": args.local_crops_scale,
-        **_color_overrides(args),
-    }
-    precision = "fp16" if args.use_fp16 else args.precision
-    return RunConfig(
-        method="dino", arch=args.arch, output_dir=Path(args.output_dir), epochs=args.epochs,
-        batch_per_gpu=args.batch_size_per_gpu, accum_iter=1,
-        lr=args.lr * args.batch_size_per_gpu * world_size / 256.0, min_lr=args.min_lr,
-        warmup_epochs=args.warmup_epochs, warmup_start_lr=0.0,
-        weight_decay=args.weight_decay, weight_decay_end=args.weight_decay_end,
-        clip_grad=args.clip_grad, clip_mode="per_tensor", betas=(0.9, 0.999), optimizer=args.optimizer,
-        ckpt_every=args.saveckp_freq, ckpt_pattern="checkpoint{epoch:04}.pth",
-        recipe="dino", recipe_overrides=overrides, intensity=args.intensity or "paper_train",
-        model_args=plain_args(args), momentum_teacher=args.momentum_teacher,
-        teacher_temp=(args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs),
-        precision=precision,
-    )
-
-
-def _mae_config(args: argparse.Namespace, world_size: int) -> RunConfig:
-    if args.world_size is not None and args.world_size != world_size:
-        raise ConfigError(
-            f"--world_size {args.world_size} but the launcher started {world_size} process(es): "
-            f"use --nproc_per_node/--nnodes to match, or drop --world_size"
-        )
-    eff_batch = args.batch_size * args.accum_iter * world_size * args.samples_per_image
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256.0
-    model_args = plain_args(args) | {"arch": args.model}
-    return RunConfig(
-        method="mae", arch=args.model, output_dir=Path(args.output_dir), epochs=args.epochs,
-        batch_per_gpu=args.batch_size, accum_iter=args.accum_iter, lr=lr, min_lr=args.min_lr,
-        warmup_epochs=args.warmup_epochs, warmup_start_lr=0.0,
-        weight_decay=args.weight_decay, weight_decay_end=args.weight_decay,
-        clip_grad=args.clip_grad, clip_mode="global", betas=(0.9, 0.95), optimizer="adamw",
-        ckpt_every=args.saveckp_freq, ckpt_pattern="checkpoint-{epoch:04}.pth",
-        recipe="mae", recipe_overrides={"samples_per_image": args.samples_per_image, "size": args.input_size,
-                          **_color_overrides(args)},
-        intensity=args.intensity or "paper_multisource", model_args=model_args,
-        tb_dir=Path(args.log_dir) if args.log_dir else None, start_epoch=args.start_epoch, pin_mem=args.pin_mem,
-        precision=args.precision,
-    )
-
-
-def _simclr_config(args: argparse.Namespace, world_size: int) -> RunConfig:
-    per_gpu = args.batch_size // world_size
-    if per_gpu < 1:
-        raise ConfigError(f"--batch_size {args.batch_size} is global and smaller than the {world_size} processes")
-    return RunConfig(
-        method="simclr", arch=args.arch, output_dir=Path(args.ckpt_path), epochs=args.max_epochs,
-        batch_per_gpu=per_gpu, accum_iter=1, lr=args.lr, min_lr=args.min_lr,
-        warmup_epochs=args.warmup_epochs, warmup_start_lr=args.min_lr,
-        weight_decay=args.wd, weight_decay_end=args.wd,
-        clip_grad=args.clip_grad, clip_mode="global", betas=(0.9, 0.999), optimizer="adamw",
-        ckpt_every=args.every_n_epochs, ckpt_pattern="checkpoint{epoch:04}.pth",
-        recipe="simclr", recipe_overrides={"size": args.size, "scale": args.scale,
-                          **_color_overrides(args)},
-        intensity=args.intensity or "paper_train", model_args=plain_args(args), precision=args.precision,
-    )
-
-
-RESOLVERS = {"dino": _dino_config, "mae": _mae_config, "simclr": _simclr_config}
-
-
-def resolve_config(method: str, args: argparse.Namespace, world_size: int) -> RunConfig:
-    """Map a script's flags onto a RunConfig, scaling the lr by the real world size."""
-    cfg = RESOLVERS[method](args, world_size)
-    cfg.hparams = plain_args(args) | {"world_size": world_size, "lr_absolute": cfg.lr,
-                                      "batch_per_gpu": cfg.batch_per_gpu}
-    return cfg

@@ -25,13 +25,12 @@ from torch import nn
 
 from data.intensity import IntensityNorm
 from data.schema import INFERENCE_REQUIRED, load_site_table
-from inference import build_parser as inference_parser
 from models.backbones import embed
 from models.checkpoints import DEFAULT_POOL
 from utils import distributed
 from utils.errors import ConfigError, DataError
 from utils.evaluation import EvalConfig, map_columns, representation_from_frame, retrieval_maps
-from utils.inference import PRECISIONS, EmbedContext, embed_profiles
+from utils.inference import IN_MEMORY, EmbedContext, InferenceConfig, embed_profiles, make_context
 from utils.training.validation import frozen_state
 
 DEFAULT_TILE = 128  # the probe's tile size; 224 (inference's default) costs 3x more and needs larger sites
@@ -70,27 +69,20 @@ class Probe:
             raise DataError(f"--probe_csv {cfg.csv}: needs a target column (the probe scores target retrieval)")
         if "DNA" not in self.channels:
             raise ConfigError(f"--channels {list(self.channels)} has no DNA channel, which the probe's cell rule needs")
-        flags = ["--ckpt", "-", "-o", "-", "--valset", str(cfg.csv), "--size", str(cfg.size),
-                 "--batch_size", str(cfg.batch_size), "--num_workers", "0"]
-        if cfg.stride is not None:
-            flags += ["--stride", str(cfg.stride)]
-        self.args = inference_parser().parse_args(flags)  # inference's defaults, so the probe is inference
+        # inference's defaults for everything else, so the probe is inference
+        self.inference = InferenceConfig(ckpt=IN_MEMORY, outdir="-", valset=str(cfg.csv), size=cfg.size,
+                                         stride=cfg.stride, batch_size=cfg.batch_size, num_workers=0,
+                                         channels=self.channels)
         self.norm = norm.select(list(self.channels))
 
     def context(self, backbone: nn.Module) -> EmbedContext:
         """An inference embedding context around an in-memory backbone (no checkpoint file involved)."""
         pool = DEFAULT_POOL[self.method]
-        precision = "bf16" if self.device.type == "cuda" else "fp32"
 
         def embed_fn(x: torch.Tensor) -> torch.Tensor:
             return embed(backbone, x, pool, None)
 
-        return EmbedContext(
-            embed_fn=embed_fn, intensity=self.norm, device=self.device, size=self.args.size,
-            stride=self.args.stride or self.args.size, center=bool(self.args.center_tiles),
-            dna_index=self.channels.index("DNA"), autocast=PRECISIONS[precision], empty_sites=self.args.empty_sites,
-            cell_factor=self.args.cell_factor, min_fraction=self.args.min_cell_fraction, fingerprint={},
-        )
+        return make_context(self.inference, embed_fn, self.norm, self.device, self.channels, fingerprint={})
 
     def score_wells(self, wells: pd.DataFrame) -> dict[str, float]:
         """evaluate.py's replicate and target mAP of a normalised well table."""
@@ -100,7 +92,7 @@ class Probe:
         """Embed and score the probe sites with the model's inference weights, leaving the model as it was."""
         t0 = time.perf_counter()
         with frozen_state(model, self.device):
-            wells = embed_profiles(self.context(model.inference_backbone()), self.table, self.args, self.channels)
+            wells = embed_profiles(self.context(model.inference_backbone()), self.table, self.inference)
         out = self.score_wells(wells)
         out["probe_seconds"] = time.perf_counter() - t0
         return out
@@ -119,7 +111,8 @@ def run_probe(probe: Probe | None, model: nn.Module, info: distributed.DistInfo)
     """Rank 0 probes and every rank receives the figures (or rank 0's error, raised everywhere)."""
     result: dict[str, Any] = {}
     if info.is_main:
-        assert probe is not None
+        if probe is None:
+            raise RuntimeError("run_probe: rank 0 has no Probe")
         try:
             result = probe.run(model)
         except (DataError, ConfigError) as exc:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:  # only for the annotation: config imports the probe, which the schedules need not load
+    from utils.training.config import TrainConfig
 
 
 def cosine_schedule(
@@ -40,3 +46,37 @@ def linear_warmup_constant(
 def constant_schedule(value: float, epochs: int, iters_per_epoch: int) -> np.ndarray:
     """A flat schedule, for settings that do not change (e.g. a fixed weight decay)."""
     return np.full(int(epochs * iters_per_epoch), float(value), dtype=np.float64)
+
+
+@dataclass
+class Schedules:
+    """Per-optimizer-step values, precomputed so a resumed run reads exactly what the first run read."""
+
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray | None
+    teacher_temp: np.ndarray | None
+
+    def at(self, step: int) -> dict[str, float]:
+        """The scheduled values for one optimizer step (the last value past the end)."""
+        i = min(step, len(self.lr) - 1)
+        values = {"lr": float(self.lr[i]), "wd": float(self.wd[i])}
+        if self.momentum is not None:
+            values["momentum"] = float(self.momentum[i])
+        if self.teacher_temp is not None:
+            values["teacher_temp"] = float(self.teacher_temp[i])
+        return values
+
+
+def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
+    """LR (warm-up + cosine), weight decay (cosine), teacher momentum (cosine to 1) and teacher temperature."""
+    lr = cosine_schedule(cfg.lr, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.warmup_start_lr)
+    wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch)
+    momentum = None
+    if cfg.momentum_teacher is not None:
+        momentum = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
+    temp = None
+    if cfg.teacher_temp is not None:
+        warm, final, warm_epochs = cfg.teacher_temp
+        temp = linear_warmup_constant(warm, final, cfg.epochs, steps_per_epoch, warm_epochs)
+    return Schedules(lr=lr, wd=wd, momentum=momentum, teacher_temp=temp)

@@ -22,9 +22,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from data.datasets import collate_views, seed_worker
 from utils import distributed
 from utils.errors import ConfigError
-from utils.seeding import sample_seed
+from utils.seeding import keyed_generator, sample_seed
 
 GROUP_COLUMNS: dict[str, tuple[str, ...]] = {"well": ("plate", "well"), "plate": ("plate",)}
 TOP_K = (1, 5)
@@ -163,8 +164,6 @@ class Validator:
         self, method: str, dataset: Any, batch_per_gpu: int, info: distributed.DistInfo, seed: int,
         num_workers: int, pin_memory: bool,
     ) -> None:
-        from data.datasets import collate_views, seed_worker
-
         self.method, self.info, self.seed = method, info, seed
         self.dataset = dataset
         self.dataset.set_epoch(0)  # the same crops every pass
@@ -197,9 +196,10 @@ class Validator:
                 bar = tqdm(total=len(self.loader), desc=f"{self.method} validation", leave=False, dynamic_ncols=True,
                            disable=not self.info.is_main)
                 for it, batch in enumerate(self.loader):
-                    views = prepare(batch["views"], _generator(self.seed, device, "val_augment", it, self.info.rank))
+                    gen = keyed_generator(self.seed, device, "val_augment", it, self.info.rank)
+                    views = prepare(batch["views"], gen)
                     state = {"epoch": epoch, "step": step, "iteration": it, **values,
-                             "generator": _generator(self.seed, device, "val_model", it, self.info.rank)}
+                             "generator": keyed_generator(self.seed, device, "val_model", it, self.info.rank)}
                     with autocast():
                         loss, _ = model(views, state)
                     logs = {"loss": loss.detach().double(), **(tap.metrics() if tap is not None else {})}
@@ -217,8 +217,3 @@ class Validator:
         if not math.isfinite(out["val_loss"]):
             raise FloatingPointError(f"{self.method}: validation loss is {out['val_loss']} after epoch {epoch}")
         return out
-
-
-def _generator(seed: int, device: torch.device, *keys: object) -> torch.Generator:
-    """A generator keyed by purpose and batch only (not the epoch), so every validation pass draws the same."""
-    return torch.Generator(device=device).manual_seed(sample_seed(seed, *keys))

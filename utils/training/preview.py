@@ -1,12 +1,12 @@
 """Look at training views exactly as a method's training run draws them, before and after augmentation.
 
-    python -m data.augment_preview --path_df CSV --method dino --out DIR [--color_aug paper] [training flags ...]
+    python -m utils.training.preview --path_df CSV --method dino --out DIR [--color_aug paper] [training flags ...]
 
 Any flag the method's training script accepts (e.g. ``--global_crops_size 96 --local_crops_number 4`` or
 ``--intensity stats.json``) may follow; it is parsed by that script's own parser and resolved with the same
-``resolve_config``, so the recipe (``utils.training.build_recipe``), the crop dataset (``TrainCropDataset`` +
+``config_from_flags``, so the recipe (``utils.training.data.build_recipe``), the crop dataset (``TrainCropDataset`` +
 ``collate_views``), the device augmentation and the intensity standardisation (``ViewPipeline``'s own ``to_float``,
-``augs`` and ``norm.standardize``, with the generator ``step_generator`` keys a training step uses) are the training
+``augs`` and ``norm.standardize``, with the ``keyed_generator`` keys a training step uses) are the training
 code's, not copies. Writes ``DIR/views.png`` (per view group: rows = views, columns = raw crop composite, augmented
 composite, then the five augmented channels, all on the raw crop's display range so darkening shows) and
 ``DIR/view_stats.json`` (per view group and channel: statistics of the raw crops, after augmentation and after
@@ -16,7 +16,6 @@ standardisation).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.datasets import TrainCropDataset, collate_views
+from utils.cli import FlagParser, run_cli
 from utils.fileio import atomic_path, write_json_atomic
+from utils.seeding import keyed_generator
+from utils.training.args import parse_args
+from utils.training.config import config_from_flags
+from utils.training.data import ViewPipeline, build_recipe, load_intensity_norm, load_table
 
 # Mito -> red, AGP -> red/green, RNA -> green, ER -> green/blue, DNA -> blue: a fixed 5 -> RGB mixing for composites
 _MIX = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]])
@@ -74,7 +79,7 @@ def _composite(x: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def _save_grid(groups: list[dict[str, Any]], names: Sequence[str], path: Path, title: str, n_show: int) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib costs ~0.3 s and selects a backend; only the grid needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -109,7 +114,8 @@ def _save_grid(groups: list[dict[str, Any]], names: Sequence[str], path: Path, t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m data.augment_preview", description=__doc__.split("\n\n")[0])
+    """The preview's own flags; any other flag goes to the method's training parser."""
+    p = FlagParser("python -m utils.training.preview", description=__doc__.split("\n\n")[0])
     p.add_argument("--path_df", required=True, help="dataset CSV (as for training)")
     p.add_argument("--method", required=True, choices=("dino", "simclr", "mae"))
     p.add_argument("--out", required=True, help="output folder for views.png and view_stats.json")
@@ -122,37 +128,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data.datasets import TrainCropDataset, collate_views
-    from utils.training.args import parse_args, resolve_config
-    from utils.training import ViewPipeline, build_recipe, load_intensity_norm, load_table, step_generator
-
+    """Draw the views, write views.png/.pdf and view_stats.json, print a one-line summary."""
     args, rest = build_parser().parse_known_args(argv)
     train_argv = ["--path_df", args.path_df, "--num_workers", "0", *rest]
     if args.color_aug is not None:
         train_argv += ["--color_aug", args.color_aug]
     if args.method == "simclr" and "--ckpt_path" not in rest:
         train_argv += ["--ckpt_path", str(Path(args.out) / "unused")]
-    targs = parse_args(args.method, train_argv)
-    cfg = resolve_config(args.method, targs, 1)
+    cfg = config_from_flags(args.method, parse_args(args.method, train_argv)).with_world(1)
     device = torch.device("cpu")
-    table = load_table(targs)
+    table = load_table(cfg)
     recipe = build_recipe(cfg)
-    norm = load_intensity_norm(cfg, list(targs.channels), table, targs.seed)
+    norm = load_intensity_norm(cfg, table)
     pipeline = ViewPipeline(recipe, norm, device)
-    dataset = TrainCropDataset(table, recipe, channels=tuple(targs.channels), seed=targs.seed)
-    order = np.random.default_rng(targs.seed).permutation(len(dataset))
+    dataset = TrainCropDataset(table, recipe, channels=cfg.channels, seed=cfg.seed)
+    order = np.random.default_rng(cfg.seed).permutation(len(dataset))
     per_group: list[dict[str, list[torch.Tensor]]] = [{"raw": [], "aug": [], "std": []} for _ in recipe.views]
     for it in range(args.batches):
         idx = order[(it * args.batch) % len(order):][: args.batch]
         views = collate_views([dataset[(0, int(i))] for i in idx])["views"]
-        gen = step_generator(targs.seed, device, "augment", 0, it, 0)  # the key a training step uses
+        gen = keyed_generator(cfg.seed, device, "augment", 0, it, 0)  # the key a training step uses
         for g, (x, aug) in enumerate(zip(views, pipeline.augs)):
             raw = pipeline.to_float(x.to(device))
             augmented = aug(raw, generator=gen) if aug is not None else raw
             per_group[g]["raw"].append(raw)
             per_group[g]["aug"].append(augmented)
             per_group[g]["std"].append(pipeline.norm.standardize(augmented))
-    names = list(targs.channels)
+    names = list(cfg.channels)
     groups = [{k: torch.cat(v) for k, v in g.items()} for g in per_group]
     mode = recipe.gpu_aug_per_view[0].color_mode
     stats: dict[str, Any] = {
@@ -180,4 +182,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

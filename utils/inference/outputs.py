@@ -1,0 +1,105 @@
+"""What inference writes: plates merged into one well table, normalised per method, consensus profiles, the
+tables (CSV and optional parquet, each atomic) and ``run.json`` last."""
+
+from __future__ import annotations
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from data.schema import OPTIONAL_METADATA
+from utils.errors import DataError
+from utils.fileio import atomic_path, write_csv_atomic
+from utils.inference.config import ALL_METHODS, InferenceConfig
+from utils.inference.plates import SITE_META, PlateResult, well_meta
+from utils.profiles import NORM_METHODS, consensus, embedding_names, feature_columns, normalize_profiles
+
+FINAL_FILES = ("well_features", "agg_features", "site_features")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "timm", "numpy", "pandas", "pycytominer", "tifffile", "scikit-learn"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def clear_final_outputs(outdir: Path) -> None:
+    """Remove outputs of an earlier run up front, so a failed run never leaves a complete-looking result."""
+    targets = [outdir / "run.json"]
+    for folder in [outdir, *(outdir / m for m in NORM_METHODS)]:
+        targets += [folder / f"{name}.{ext}" for name in FINAL_FILES for ext in ("csv", "parquet")]
+    for path in targets:
+        if path.is_file():
+            path.unlink()
+
+
+def write_table(df: pd.DataFrame, folder: Path, name: str, parquet: bool) -> list[str]:
+    write_csv_atomic(df, folder / f"{name}.csv")
+    written = [str(folder / f"{name}.csv")]
+    if parquet:
+        with atomic_path(folder / f"{name}.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
+        written.append(str(folder / f"{name}.parquet"))
+    return written
+
+
+def merge_plates(table: pd.DataFrame, results: list[PlateResult], dim: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    feats = embedding_names(dim)
+    wmeta, site_meta = well_meta(table), [*SITE_META, *[c for c in OPTIONAL_METADATA if c in table.columns]]
+    wells, sites = [], []
+    for r in results:
+        if len(r.well_rows):
+            w = table.loc[r.well_rows, wmeta].reset_index(drop=True)
+            wells.append(pd.concat([w, pd.DataFrame(r.well_emb, columns=feats)], axis=1))
+            if len(r.site_rows):
+                s = table.loc[r.site_rows, site_meta].reset_index(drop=True)
+                s.insert(len(site_meta), "n_valid_tiles", r.site_valid)
+                sites.append(pd.concat([s, pd.DataFrame(r.site_emb, columns=feats)], axis=1))
+    if not wells:
+        raise DataError("no site could be embedded: every image was skipped")
+    return pd.concat(wells, ignore_index=True), pd.concat(sites, ignore_index=True) if sites else pd.DataFrame()
+
+
+def normalise_wells(
+    wells: pd.DataFrame, feats: list[str], meta: list[str], method: str, control_query: str, cfg: InferenceConfig
+) -> tuple[pd.DataFrame, list[str]]:
+    """One normalisation method with the run's scope, MAD reference and L2 flag (inference and the training probe)."""
+    return normalize_profiles(wells, feats, meta, method, control_query, scope=cfg.norm_scope,
+                              mad_reference=cfg.mad_reference, l2norm=cfg.l2norm)
+
+
+def drop_empty_wells(wells: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Wells whose every tile was invalid (all-NaN features) leave the table; returns the rest and who left."""
+    feats = feature_columns(wells)
+    nan_wells = wells[feats].isna().all(axis=1)
+    dropped = wells.loc[nan_wells, ["batch", "plate", "well"]].to_dict("records")
+    return wells.loc[~nan_wells].reset_index(drop=True), dropped
+
+
+def write_profiles(
+    wells: pd.DataFrame, cfg: InferenceConfig, control_query: str, outdir: Path
+) -> tuple[dict[str, int], list[str]]:
+    """Normalise the wells with each requested method and write agg_features then well_features; returns the
+    number of features each method kept and the files written."""
+    feats = feature_columns(wells)
+    meta = [c for c in wells.columns if c not in feats]
+    methods = cfg.methods
+    kept_counts: dict[str, int] = {}
+    written: list[str] = []
+    for method in tqdm(methods, desc="normalise", unit="method", disable=len(methods) == 1, leave=False):
+        folder = outdir / method if cfg.norm_method == ALL_METHODS else outdir
+        norm, kept = normalise_wells(wells, feats, meta, method, control_query, cfg)
+        agg = consensus(norm, kept, ["perturbation_id"], cfg.operation,
+                        carry=("target", "control_type", "gene_group"))
+        written += write_table(agg, folder, "agg_features", cfg.parquet)
+        written += write_table(norm, folder, "well_features", cfg.parquet)
+        kept_counts[method] = len(kept)
+    return kept_counts, written
