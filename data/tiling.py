@@ -113,6 +113,24 @@ def tile_batch(
     """Tiles (B, n, C, size, size) of a (B,C,H,W) batch via one unfold, and their (n, 2) positions.
 
     A single (C,H,W) site gives (n, C, size, size). The result is a new tensor; ``x`` is never written.
+
+    Parameters
+    ----------
+    x:
+        (B, C, H, W) or (C, H, W) sites of any dtype (uint16 in inference), on any device.
+    size:
+        Tile side in pixels; H and W must be at least this.
+    stride:
+        Step between tiles; None means ``size`` (the paper's non-overlapping grid).
+    center:
+        Split the uncovered border evenly instead of leaving it at the right and bottom.
+
+    Returns
+    -------
+    tuple[torch.Tensor, numpy.ndarray]
+        The tiles, row-major, on ``x``'s device and dtype, and their (n, 2) top-left (y, x) positions from
+        ``tile_positions``, so a caller can map each tile back to the site. ConfigError for a bad size or stride,
+        DataError for a wrong number of dimensions or a site smaller than a tile.
     """
     if x.ndim not in (3, 4):
         raise DataError(f"tile_batch expects (C,H,W) or (B,C,H,W), got shape {tuple(x.shape)}")
@@ -149,6 +167,28 @@ def tile_validity(
     a site with no valid tile keeps its middle tile (index n // 2). ``check_finite=False`` skips the NaN check,
     which reads the thresholds back to the host: inference, whose thresholds are never NaN, must not stall the
     device queue on every batch.
+
+    Parameters
+    ----------
+    tiles:
+        (B, n, C, s, s) tiles in raw units (``tile_batch`` or ``TileLayout.tile``).
+    otsu:
+        (B,) per-site Otsu thresholds in the same units (tensor or array; moved to the tiles' device).
+    dna_index:
+        Position of the DNA channel in dim 2 (negative allowed); look it up by name, never assume 4.
+    factor, min_fraction:
+        The rule: a tile is valid when at least ``min_fraction`` of its DNA pixels exceed ``factor * otsu``.
+    keep_middle_if_none:
+        Apply ``middle_tile_if_empty`` (the paper's inference rule) to the result.
+    check_finite:
+        Raise on NaN thresholds (one host sync); False leaves the caller to guarantee finite thresholds.
+
+    Returns
+    -------
+    torch.Tensor
+        bool (B, n) on the tiles' device, True where a tile has cells, so invalid tiles can be masked out (NaN)
+        before pooling. DataError for a wrong tiles shape, a ``dna_index`` out of range, a threshold count that is
+        not B, or (with ``check_finite``) a NaN threshold.
     """
     if tiles.ndim != 5:
         raise DataError(f"tile_validity expects tiles (B, n, C, s, s), got shape {tuple(tiles.shape)}")

@@ -130,7 +130,27 @@ def _pool(tokens: torch.Tensor, prefix: torch.Tensor, pool: str) -> torch.Tensor
 def embed(
     backbone: VisionTransformer, x: torch.Tensor, pool: str = "cls", layers: Sequence[int] | None = None
 ) -> torch.Tensor:
-    """One vector per image: CLS or patch mean, after or before the final norm, from the last or chosen blocks."""
+    """One vector per image: CLS or patch mean, after or before the final norm, from the last or chosen blocks.
+
+    Parameters
+    ----------
+    backbone:
+        A timm ViT from ``create_backbone`` or ``load_backbone_for_inference``; eval mode and no_grad are the caller's.
+    x:
+        (B, C, H, W) standardised float images; H and W need only be multiples of the patch size (dynamic size).
+    pool:
+        ``cls`` (CLS token after the final norm), ``mean`` (mean of the patch tokens after it) or ``mean_prenorm``
+        (the same mean before it: the paper's MAE inference).
+    layers:
+        Blocks to take tokens from, 0-based, negative counting from the end; None means the last block. The
+        final norm (unless ``mean_prenorm``) is applied to each, and blocks after the deepest one are not run.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, D * len(layers)), one pooled vector per chosen block concatenated in the order given, so a tile is one
+        row that pools into site and well profiles. ConfigError for an unknown pool or a block out of range.
+    """
     if pool not in POOLS:
         raise ConfigError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
     depth = len(backbone.blocks)

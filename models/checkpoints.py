@@ -326,7 +326,33 @@ def load_backbone_for_inference(
     pool: str | None = None,
     dino_weights: str = "teacher",
 ) -> LoadedBackbone:
-    """Build the backbone a checkpoint holds and load it strictly; see the module docstring for the formats."""
+    """Build the backbone a checkpoint holds and load it strictly; see the module docstring for the formats.
+
+    Parameters
+    ----------
+    path:
+        Our checkpoint, a paper DINO/MAE/SimCLR release, or a bare ViT state dict (``model`` needed then).
+    model:
+        ``dino``, ``mae`` or ``simclr``; None takes the method from the file. A file of another method is an error.
+    arch:
+        Architecture name used only when the checkpoint records none; None falls back to the method's default.
+    img_size:
+        Image size to embed at; None keeps the checkpoint's grid, else ``pos_embed`` is resampled once, here.
+    pool:
+        ``cls``, ``mean`` or ``mean_prenorm``; None is the method's default (CLS for DINO/SimCLR, mean for MAE).
+    dino_weights:
+        ``teacher`` (the EMA teacher, as the paper embeds) or ``student``.
+
+    Returns
+    -------
+    LoadedBackbone
+        The backbone (eval mode, on the CPU), the ``IntensityNorm`` to standardise with (the checkpoint's own, or
+        the constants a paper model was trained with), the pooling, and ``info`` for run.json (format, method,
+        arch and its source, patch size, channels, image size and grid, width, depth, heads, epoch, which weights,
+        ignored keys), so a profile table can be traced to exact weights and settings. ConfigError for a bad
+        ``model``, ``pool`` or ``dino_weights``; CheckpointError naming the file for an unreadable or unrecognised
+        checkpoint, a method mismatch, missing or unexpected keys, or a patch size or grid that does not fit.
+    """
     if model is not None and model not in DEFAULT_POOL:
         raise ConfigError(f"unknown --model {model!r}; choose one of {', '.join(DEFAULT_POOL)}")
     if dino_weights not in ("teacher", "student"):

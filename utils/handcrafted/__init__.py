@@ -14,22 +14,10 @@ From Python::
 
 from utils.handcrafted.cli import build_parser, main
 from utils.handcrafted.config import HandcraftedConfig
-from utils.handcrafted.measure import COUNT_COLUMN, FEATURE_GROUPS, MeasureOptions, measure, measure_site, site_profile
-from utils.handcrafted.pipeline import compute_site_features, run
-from utils.handcrafted.profiles import (
-    NORM_METHODS,
-    SELECT_OPERATIONS,
-    aggregate,
-    drop_incomplete,
-    limit_sites,
-    normalize,
-    select_features,
-)
-from utils.handcrafted.segment import Segmentation, SegmentationParams, segment, segment_cells, segment_nuclei
+from utils.handcrafted.measure import FEATURE_GROUPS, MeasureOptions, measure_site
+from utils.handcrafted.pipeline import run
+from utils.handcrafted.profiles import NORM_METHODS, normalize
+from utils.handcrafted.segment import SegmentationParams, segment
 
-__all__ = [
-    "COUNT_COLUMN", "FEATURE_GROUPS", "NORM_METHODS", "SELECT_OPERATIONS", "HandcraftedConfig", "MeasureOptions",
-    "Segmentation", "SegmentationParams", "aggregate", "build_parser", "compute_site_features", "drop_incomplete",
-    "limit_sites", "main", "measure", "measure_site", "normalize", "run", "segment", "segment_cells",
-    "segment_nuclei", "select_features", "site_profile",
-]
+__all__ = ["FEATURE_GROUPS", "NORM_METHODS", "HandcraftedConfig", "MeasureOptions", "SegmentationParams",
+           "build_parser", "main", "measure_site", "normalize", "run", "segment"]

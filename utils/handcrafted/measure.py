@@ -63,40 +63,49 @@ def _measure_sizeshape(labels: np.ndarray, images: np.ndarray, channels: Sequenc
     return {f"AreaShape_{k}": np.asarray(v, dtype=np.float64) for k, v in out.items() if not _positional(k)}
 
 
+def _per_channel(
+    images: np.ndarray, channels: Sequence[str], measure: Callable[[np.ndarray], dict[str, Any]],
+    rename: Callable[[str, str], str | None], only: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run one cp-measure function on each channel's image and name its features ``rename(feature, channel)``
+    (None drops a feature); ``only`` limits the channels."""
+    out: dict[str, np.ndarray] = {}
+    for ch, image in zip(channels, images):
+        if only is not None and ch not in only:
+            continue
+        for k, v in measure(image).items():
+            name = rename(k, ch)
+            if name is not None:
+                out[name] = np.asarray(v, dtype=np.float64)
+    return out
+
+
 def _measure_intensity(labels: np.ndarray, images: np.ndarray, channels: Sequence[str],
                        opts: MeasureOptions) -> dict[str, np.ndarray]:
     fn = _core("intensity")
-    out: dict[str, np.ndarray] = {}
-    for ch, image in zip(channels, images):
-        for k, v in fn(labels, image, edge_measurements=opts.intensity_edges).items():
-            if not _positional(k):
-                out[f"{k}_{ch}"] = np.asarray(v, dtype=np.float64)
-    return out
+    return _per_channel(images, channels, lambda image: fn(labels, image, edge_measurements=opts.intensity_edges),
+                        lambda k, ch: None if _positional(k) else f"{k}_{ch}")
+
+
+def _texture_name(feature: str, channel: str) -> str:
+    match = TEXTURE_KEY.match(feature)
+    if match is None:
+        raise RuntimeError(f"unexpected cp_measure texture feature name {feature!r}")
+    return f"Texture_{match['feature']}_{channel}_{match['suffix']}"
 
 
 def _measure_texture(labels: np.ndarray, images: np.ndarray, channels: Sequence[str],
                      opts: MeasureOptions) -> dict[str, np.ndarray]:
     fn = _core("texture")
-    out: dict[str, np.ndarray] = {}
-    for ch, image in zip(channels, images):
-        if ch not in opts.texture_channels:
-            continue
-        for k, v in fn(labels, image, scale=opts.texture_scale, gray_levels=opts.texture_gray_levels).items():
-            match = TEXTURE_KEY.match(k)
-            if match is None:
-                raise RuntimeError(f"unexpected cp_measure texture feature name {k!r}")
-            out[f"Texture_{match['feature']}_{ch}_{match['suffix']}"] = np.asarray(v, dtype=np.float64)
-    return out
+    return _per_channel(images, channels,
+                        lambda image: fn(labels, image, scale=opts.texture_scale, gray_levels=opts.texture_gray_levels),
+                        _texture_name, only=opts.texture_channels)
 
 
 def _measure_granularity(labels: np.ndarray, images: np.ndarray, channels: Sequence[str],
                          opts: MeasureOptions) -> dict[str, np.ndarray]:
     fn = _core("granularity")
-    out: dict[str, np.ndarray] = {}
-    for ch, image in zip(channels, images):
-        for k, v in fn(labels, image).items():
-            out[f"{k}_{ch}"] = np.asarray(v, dtype=np.float64)
-    return out
+    return _per_channel(images, channels, lambda image: fn(labels, image), lambda k, ch: f"{k}_{ch}")
 
 
 def _measure_correlation(labels: np.ndarray, images: np.ndarray, channels: Sequence[str],
@@ -114,19 +123,21 @@ def _measure_correlation(labels: np.ndarray, images: np.ndarray, channels: Seque
     return out
 
 
+def _radial_name(feature: str, channel: str) -> str:
+    category, _, rest = feature.partition("_")
+    return f"{category}_{rest.split('_')[0]}_{channel}_{'_'.join(rest.split('_')[1:])}"
+
+
 def _measure_radial(labels: np.ndarray, images: np.ndarray, channels: Sequence[str],
                     opts: MeasureOptions) -> dict[str, np.ndarray]:
     fn = _core("radial_distribution")
-    out: dict[str, np.ndarray] = {}
-    for ch, image in zip(channels, images):
+
+    def measure(image: np.ndarray) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # an empty ring of a small object gives NaN, kept as NaN
-            measured = fn(labels, image)
-        for k, v in measured.items():
-            category, _, rest = k.partition("_")
-            out[f"{category}_{rest.split('_')[0]}_{ch}_{'_'.join(rest.split('_')[1:])}"] = np.asarray(
-                v, dtype=np.float64)
-    return out
+            return fn(labels, image)
+
+    return _per_channel(images, channels, measure, _radial_name)
 
 
 # Feature groups by CLI name; "intensity", "sizeshape" and "texture" are the fast default.

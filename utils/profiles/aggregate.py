@@ -32,7 +32,29 @@ def aggregate_profiles(
     operation: str = "mean",
     count_column: str | None = None,
 ) -> pd.DataFrame:
-    """Pool rows per key with one linear groupby; NaN rows (invalid tiles) are ignored, never matched pairwise."""
+    """Pool rows per key with one linear groupby; NaN rows (invalid tiles) are ignored, never matched pairwise.
+
+    Parameters
+    ----------
+    df:
+        Profile rows (tiles, sites or wells) holding ``keys`` and ``features``; invalid rows have NaN features.
+    features:
+        The feature columns to pool.
+    keys:
+        The columns that define one output row, e.g. (plate, well); missing key values form their own group.
+    operation:
+        ``mean`` or ``median`` (``OPERATIONS``), NaN-skipping per feature.
+    count_column:
+        When given, a column of that name counts the rows of each group without any NaN feature (the valid
+        tiles), so a reader sees how many tiles each profile rests on.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per key combination in order of first appearance, columns ``[*keys, count_column, *features]``;
+        features are NaN for a group without any valid row (the caller drops or reports it). ConfigError for an
+        unknown operation, DataError naming any missing column.
+    """
     check_operation(operation)
     check_columns(df, [*keys, *features], "aggregate")
     grouped = df.groupby(list(keys), sort=False, dropna=False)[list(features)]
@@ -43,23 +65,13 @@ def aggregate_profiles(
     return out.reset_index()
 
 
-def aggregate_sites(
-    tile_df: pd.DataFrame,
-    features: Sequence[str],
-    site_keys: Sequence[str],
-    operation: str = "mean",
-    count_column: str | None = "n_valid_tiles",
-) -> pd.DataFrame:
+def aggregate_sites(tile_df: pd.DataFrame, features: Sequence[str], site_keys: Sequence[str], operation: str = "mean",
+                    count_column: str | None = "n_valid_tiles") -> pd.DataFrame:
     """Site profiles from tile rows whose invalid tiles are NaN, with the number of valid tiles per site."""
     return aggregate_profiles(tile_df, features, site_keys, operation, count_column)
 
 
-def aggregate_wells(
-    df: pd.DataFrame,
-    features: Sequence[str],
-    well_keys: Sequence[str],
-    operation: str = "mean",
-    count_column: str | None = None,
-) -> pd.DataFrame:
+def aggregate_wells(df: pd.DataFrame, features: Sequence[str], well_keys: Sequence[str], operation: str = "mean",
+                    count_column: str | None = None) -> pd.DataFrame:
     """Well profiles from tile rows (the paper pools all tiles of a well) or from site rows."""
     return aggregate_profiles(df, features, well_keys, operation, count_column)

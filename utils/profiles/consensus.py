@@ -17,7 +17,29 @@ def consensus(
     operation: str = "mean",
     carry: Sequence[str] = ("target",),
 ) -> pd.DataFrame:
-    """Consensus profile per perturbation via pycytominer.aggregate, then the per-perturbation metadata joined back."""
+    """Consensus profile per perturbation via pycytominer.aggregate, then the per-perturbation metadata joined back.
+
+    Parameters
+    ----------
+    df:
+        Normalised well profiles: the ``strata`` columns, the ``features`` and, optionally, the ``carry`` labels.
+    features:
+        The feature columns to pool (cast to float); only these, the strata and the carried labels are returned.
+    strata:
+        The columns that define one consensus profile (a perturbation by default).
+    operation:
+        ``mean`` or ``median`` (``OPERATIONS``), NaN-skipping per feature.
+    carry:
+        Label columns to join back per group; those absent from ``df`` or among the strata are skipped. A group
+        with several values gets them joined with ``|`` (sorted) and a warning, so profiles are never duplicated.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per group, sorted by ``strata`` (pycytominer's groupby), columns ``[*strata, *features, *carry]``,
+        so each perturbation counts once whatever its number of wells (inference writes it as agg_features).
+        ConfigError for an unknown operation, DataError naming any missing strata or feature column.
+    """
     from pycytominer import aggregate  # lazy: importing pycytominer costs ~1.5 s, which --help must not pay
 
     check_operation(operation)

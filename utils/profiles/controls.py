@@ -31,7 +31,24 @@ def ids_query(ids: Sequence[str], df: pd.DataFrame) -> str:
 
 
 def resolve_control_query(df: pd.DataFrame, controls: str = "auto", control_query: str | None = None) -> str:
-    """Pick the pandas query that marks negative-control wells: explicit, a preset, or negcon when annotated."""
+    """Pick the pandas query that marks negative-control wells: explicit, a preset, or negcon when annotated.
+
+    Parameters
+    ----------
+    df:
+        The profiles the query will run on; read only by ``auto``, to see whether ``control_type`` marks negcon wells.
+    controls:
+        ``auto`` (``control_type == 'negcon'`` when any row is so annotated, else ``perturbation_id == 'DMSO'``) or a
+        key of ``CONTROL_PRESETS`` (``DMSO``, ``negcon``).
+    control_query:
+        An explicit pandas query (``--control-query``); when non-empty it wins and ``controls`` is not checked.
+
+    Returns
+    -------
+    str
+        The query text, not a mask, so it can be written to run.json and applied per plate with ``control_mask``.
+        ConfigError for an unknown ``controls`` value; the query itself is checked only by ``control_mask``.
+    """
     if control_query:
         return control_query
     if controls in CONTROL_PRESETS:
@@ -44,7 +61,21 @@ def resolve_control_query(df: pd.DataFrame, controls: str = "auto", control_quer
 
 
 def control_mask(df: pd.DataFrame, query: str) -> np.ndarray:
-    """Boolean mask of the rows matched by the control query, with a one-line error for a bad query."""
+    """Boolean mask of the rows matched by the control query, with a one-line error for a bad query.
+
+    Parameters
+    ----------
+    df:
+        The profiles to mark. Rows are matched by index label, so give ``df`` a unique index.
+    query:
+        A pandas query evaluated with the python engine (``resolve_control_query`` or ``ids_query``).
+
+    Returns
+    -------
+    numpy.ndarray
+        bool (len(df),) in row order, True for the control rows; a mask rather than a filtered frame, so callers
+        can fit on controls and still keep every row. ConfigError naming the query when pandas cannot evaluate it.
+    """
     try:
         selected = df.query(query, engine="python").index
     except Exception as exc:  # pandas raises many types for a bad expression

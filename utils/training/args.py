@@ -47,7 +47,8 @@ def scale_range(values: list[float]) -> tuple[float, float]:
 
 
 def add_common(
-    parser: argparse.ArgumentParser, *, path_df: str, seed: int, output_dir: str | None, val_fraction: float = 0.0
+    parser: argparse.ArgumentParser, *, path_df: str, seed: int, output_dir: str | None, val_fraction: float = 0.0,
+    saveckp: tuple[int, str] | None = None,
 ) -> None:
     """Options shared by all three methods (data, validation, launch, precision, speed)."""
     data = parser.add_argument_group("data")
@@ -102,6 +103,9 @@ def add_common(
     run.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                      help="set by the deprecated torch.distributed.launch; torchrun uses LOCAL_RANK")
     run.add_argument("--dist_url", default="env://", help="only env:// (torchrun, launch, SLURM + MASTER_ADDR)")
+    if saveckp is not None:  # DINO's and MAE's numbered checkpoints (SimCLR has --every_n_epochs)
+        every, pattern = saveckp
+        parser.add_argument("--saveckp_freq", type=int, default=every, help=f"also keep {pattern} every N epochs")
 
 
 def _add_color_aug(parser: argparse.ArgumentParser) -> None:
@@ -121,10 +125,14 @@ def _add_color_aug(parser: argparse.ArgumentParser) -> None:
                         help="per-channel gamma range (default 0.8 1.25 relative, 0.5 1.5 paper); 1 1 = off")
 
 
+def _script_parser(prog: str, description: str) -> FlagParser:
+    """A training script's parser: both flag spellings, and the help says which one the paper used."""
+    return FlagParser(prog, description=description, epilog=SPELLING_NOTE + " The paper's flags use underscores.")
+
+
 def dino_parser() -> argparse.ArgumentParser:
     """The paper's train_dino.py flags (defaults from its code) plus our common options."""
-    p = FlagParser("train_dino.py", description="DINO self-supervised training on Cell Painting sites.",
-                   epilog=SPELLING_NOTE)
+    p = _script_parser("train_dino.py", "DINO self-supervised training on Cell Painting sites.")
     m = p.add_argument_group("model")
     m.add_argument("--arch", default="vit_small", help="backbone name from models.backbones.ARCHS")
     m.add_argument("--patch_size", type=int, default=None, help="default: the --arch name's (16 for vit_small)")
@@ -167,15 +175,13 @@ def dino_parser() -> argparse.ArgumentParser:
     c.add_argument("--global_crops_size", type=int, default=224)
     c.add_argument("--local_crops_size", type=int, default=96)
     _add_color_aug(c)
-    add_common(p, path_df="data/JUMP_trainset.csv", seed=0, output_dir=".")
-    p.add_argument("--saveckp_freq", type=int, default=10, help="also keep checkpoint{epoch:04}.pth every N epochs")
+    add_common(p, path_df="data/JUMP_trainset.csv", seed=0, output_dir=".", saveckp=(10, "checkpoint{epoch:04}.pth"))
     return p
 
 
 def mae_parser() -> argparse.ArgumentParser:
     """The paper's train_mae.py flags (defaults from its code) plus our common options."""
-    p = FlagParser("train_mae.py", description="MAE self-supervised training on Cell Painting sites.",
-                   epilog=SPELLING_NOTE)
+    p = _script_parser("train_mae.py", "MAE self-supervised training on Cell Painting sites.")
     p.add_argument("--batch_size", type=int, default=64, help="images per GPU (each gives --samples_per_image views)")
     p.add_argument("--epochs", type=int, default=500)
     p.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
@@ -200,15 +206,14 @@ def mae_parser() -> argparse.ArgumentParser:
     p.add_argument("--world_size", type=int, default=None, help="checked against the launcher's world size")
     _unsupported(p, "--dist_on_itp", "launch with torchrun or SLURM instead of OpenMPI/ITP", nargs=0)
     _add_color_aug(p)
-    add_common(p, path_df="data/JUMP_trainset.csv", seed=0, output_dir="./output_dir")
-    p.add_argument("--saveckp_freq", type=int, default=20, help="also keep checkpoint-{epoch:04}.pth every N epochs")
+    add_common(p, path_df="data/JUMP_trainset.csv", seed=0, output_dir="./output_dir",
+               saveckp=(20, "checkpoint-{epoch:04}.pth"))
     return p
 
 
 def simclr_parser() -> argparse.ArgumentParser:
     """The paper's train_simclr.py flags (defaults from its code) plus our common options."""
-    p = FlagParser("train_simclr.py", description="SimCLR self-supervised training on Cell Painting.",
-                   epilog=SPELLING_NOTE)
+    p = _script_parser("train_simclr.py", "SimCLR self-supervised training on Cell Painting.")
     p.add_argument("--arch", default="vit_small_patch16_224", help="backbone name from models.backbones.ARCHS")
     p.add_argument("--gpus", type=int, nargs="*", default=None,
                    help="GPU ids; without a launcher, one process per id is spawned (default: every visible GPU; "

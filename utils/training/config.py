@@ -252,7 +252,25 @@ def parse_config(method: str, argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def training_config(method: str, preset: str | None = None, **flags: Any) -> TrainConfig:
-    """A TrainConfig from Python: the script's defaults (or a preset's), then ``flags`` by their dest names."""
+    """A TrainConfig from Python: the script's defaults (or a preset's), then ``flags`` by their dest names.
+
+    Parameters
+    ----------
+    method:
+        ``dino``, ``mae`` or ``simclr``: whose script's flags and defaults apply.
+    preset:
+        A key of ``utils.training.args.PRESETS[method]`` (e.g. ``small_cpu``) whose values replace the defaults.
+    **flags:
+        Settings by argparse dest name (``path_df``, ``output_dir``, ``epochs``, ...) as parsed values (numbers,
+        lists), not command-line strings; they win over the preset. SimCLR's required ``ckpt_path`` must be given.
+
+    Returns
+    -------
+    TrainConfig
+        Validated by ``config_from_flags``, exactly as a command line with the same flags would be, so a notebook
+        run and a script run agree; ``train`` resolves the world size. ConfigError for an unknown method, preset or
+        flag, a missing required flag, or any value ``config_from_flags`` rejects.
+    """
     if method not in PARSERS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(PARSERS)}")
     parser = PARSERS[method]()

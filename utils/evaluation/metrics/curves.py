@@ -67,10 +67,8 @@ def profile_curves(
         Neighbour counts of the k curve; those above N - 1 are dropped.
     thresholds:
         Distance thresholds of the distance curve.
-    device:
-        torch device for the similarity GEMM, or None for numpy.
-    progress:
-        Show a progress bar over the blocks.
+    device, progress:
+        Where the similarity GEMM runs (a torch device; None: numpy), and whether to show a bar over the blocks.
 
     Returns
     -------

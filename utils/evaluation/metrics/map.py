@@ -73,10 +73,8 @@ def average_precision(
         (N, F) profiles in ``meta``'s row order; rows must not be all zero (cosine is undefined there).
     rules:
         Which pairs are positives and which are negatives; the two sets must be disjoint.
-    device:
-        torch device for the similarity GEMM, or None for numpy.
-    progress:
-        Show a progress bar over the blocks.
+    device, progress:
+        Where the similarity GEMM runs (a torch device; None: numpy), and whether to show a bar over the blocks.
 
     Returns
     -------

@@ -62,10 +62,8 @@ def well_neighbour_stats(
         The accuracies to compute; each names its match codes and exclusions (int codes, -1 = missing).
     silhouette_labels:
         Label codes per name whose per-sample silhouette (cosine distance, sklearn's definition) is wanted.
-    device:
-        torch device for the similarity GEMM, or None for numpy.
-    progress:
-        Show a progress bar over the blocks.
+    device, progress:
+        Where the similarity GEMM runs (a torch device; None: numpy), and whether to show a bar over the blocks.
 
     Returns
     -------
