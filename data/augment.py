@@ -2,9 +2,9 @@
 
 Worker side (numpy): ``sample_crop_boxes`` draws boxes that satisfy the cell rule through the integral image, and
 ``crop_and_resize`` reads only those boxes from a (memory-mapped) site, so a worker never touches the whole site.
-Device side (torch, batched, per-sample parameters from an explicit generator): ``GpuAugment`` and the whole-site
-crops ``random_crop_with_cells_batch`` / ``random_resized_crop_batch``. No function here writes into its input: the
-paper's pipeline did (a crop was a view and the colour ops ran in place), which corrupted the later views of a site.
+Device side (torch, batched, per-sample parameters from an explicit generator): ``GpuAugment`` on the collated
+crops. No function here writes into its input: the paper's pipeline did (a crop was a view and the colour ops ran
+in place), which corrupted the later views of a site.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
-from data.cellmask import DEFAULT_FACTOR, DEFAULT_MIN_FRACTION, UINT16_MAX, box_fractions
+from data.cellmask import DEFAULT_MIN_FRACTION, UINT16_MAX, box_fractions
 from data.intensity import uint16_to_float
 from utils.errors import ConfigError, DataError
 
@@ -409,173 +408,6 @@ def _dihedral(x: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, rot90: 
     y = torch.where(sel(t), x.transpose(-1, -2), x) if x.shape[-1] == x.shape[-2] else x
     y = torch.where(sel(row_flip), y.flip(-2), y)
     return torch.where(sel(col_flip), y.flip(-1), y)
-
-
-def _threshold_in_units(x: torch.Tensor, otsu: torch.Tensor) -> torch.Tensor:
-    """Otsu is raw uint16 units; a floating site is taken to be on the [0, 1] scale (data.intensity.uint16_to_float)."""
-    thr = torch.as_tensor(otsu, dtype=torch.float32, device=x.device).reshape(-1)
-    return thr / UINT16_MAX if x.is_floating_point() else thr
-
-
-def _batch_integral(x: torch.Tensor, otsu: torch.Tensor, dna_index: int, factor: float) -> torch.Tensor:
-    """Summed-area tables (B, H+1, W+1) of each site's "DNA over factor x Otsu" mask."""
-    b, _, h, w = x.shape
-    thr = _threshold_in_units(x, otsu) * factor
-    if thr.numel() != b:
-        raise ValueError(f"otsu must have one value per site ({b}), got {thr.numel()}")
-    mask = x[:, dna_index].to(torch.float32) > thr[:, None, None]
-    integral = torch.zeros((b, h + 1, w + 1), dtype=torch.int32, device=x.device)
-    integral[:, 1:, 1:] = mask.cumsum(1, dtype=torch.int32).cumsum(2, dtype=torch.int32)
-    return integral
-
-
-def _batch_box_pick(
-    integral: torch.Tensor, boxes: torch.Tensor, min_fraction: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """From boxes (count, B, tries, 4) keep, per (count, B), the first passing try or else the last one."""
-    count, b, tries, _ = boxes.shape
-    y0, x0, h, w = boxes.unbind(-1)
-    bi = torch.arange(b, device=boxes.device)[None, :, None].expand_as(y0)
-    corner = lambda yy, xx: integral[bi, yy, xx].long()
-    total = corner(y0 + h, x0 + w) - corner(y0, x0 + w) - corner(y0 + h, x0) + corner(y0, x0)
-    ok = total.double() / (h * w).double() >= min_fraction
-    passed = ok.any(-1)
-    pick = torch.where(passed, ok.int().argmax(-1), torch.full_like(passed, tries - 1, dtype=torch.long))
-    chosen = boxes.gather(2, pick[:, :, None, None].expand(count, b, 1, 4)).squeeze(2)
-    return chosen, passed
-
-
-def _gather_crops(x: torch.Tensor, bidx: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, size: int) -> torch.Tensor:
-    """Copy size x size crops (N, C, size, size) at per-crop corners with one gather (uint16 moved as int16 bits)."""
-    src = x.view(torch.int16) if x.dtype == torch.uint16 else x
-    ar = torch.arange(size, device=x.device)
-    rows = (y0[:, None] + ar)[:, :, None]
-    cols = (x0[:, None] + ar)[:, None, :]
-    out = src[bidx[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
-    return out.view(torch.uint16) if x.dtype == torch.uint16 else out
-
-
-def _device_native_boxes(
-    generator: torch.Generator | None, device: torch.device, shape: tuple[int, ...], height: int, width: int, size: int
-) -> torch.Tensor:
-    """Torch twin of ``_native_boxes``."""
-    if size > height or size > width:
-        raise DataError(f"crop size {size} is larger than the {height}x{width} site")
-    y = _randint(generator, device, height - size + 1, *shape)
-    x = _randint(generator, device, width - size + 1, *shape)
-    full = torch.full(shape, size, dtype=torch.long, device=device)
-    return torch.stack([y, x, full, full], dim=-1)
-
-
-def _device_resized_boxes(
-    generator: torch.Generator | None,
-    device: torch.device,
-    shape: tuple[int, ...],
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-) -> torch.Tensor:
-    """Torch twin of ``_resized_boxes`` (torchvision's RandomResizedCrop draw, vectorised)."""
-    full = shape + (RRC_ATTEMPTS,)
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * _rand(generator, device, *full).double())
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * _rand(generator, device, *full).double())
-    w = torch.sqrt(area * aspect).round().long()
-    h = torch.sqrt(area / aspect).round().long()
-    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = fits.int().argmax(-1, keepdim=True)
-    any_fit = fits.any(-1)
-    fb_h, fb_w = _centre_fallback(height, width, ratio)
-    h = torch.where(any_fit, h.gather(-1, first)[..., 0], torch.full_like(any_fit, fb_h, dtype=torch.long))
-    w = torch.where(any_fit, w.gather(-1, first)[..., 0], torch.full_like(any_fit, fb_w, dtype=torch.long))
-    y = torch.where(any_fit, _randint(generator, device, height - h + 1, *shape), (height - h) // 2)
-    x = torch.where(any_fit, _randint(generator, device, width - w + 1, *shape), (width - w) // 2)
-    return torch.stack([y, x, h, w], dim=-1)
-
-
-def _pick_boxes(
-    x: torch.Tensor,
-    boxes: torch.Tensor,
-    otsu: torch.Tensor | None,
-    dna_index: int | None,
-    factor: float,
-    min_fraction: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the cell rule to (count, B, tries, 4) boxes, or take the first try when there is no threshold."""
-    if otsu is None:
-        return boxes[:, :, 0], torch.ones(boxes.shape[:2], dtype=torch.bool, device=x.device)
-    if dna_index is None:
-        raise ValueError("dna_index is required with otsu")
-    return _batch_box_pick(_batch_integral(x, otsu, dna_index, factor), boxes, min_fraction)
-
-
-def random_crop_with_cells_batch(
-    x: torch.Tensor,
-    otsu: torch.Tensor | None,
-    size: int,
-    dna_index: int | None,
-    generator: torch.Generator | None = None,
-    max_tries: int = 20,
-    count: int = 1,
-    factor: float = DEFAULT_FACTOR,
-    min_fraction: float = DEFAULT_MIN_FRACTION,
-    return_boxes: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Native-resolution cell crops of whole sites on the device: (count*B, C, size, size), view-major, new memory.
-
-    ``otsu`` (B,) is in raw uint16 units (a floating ``x`` is taken as the [0, 1] scale); None disables the rule.
-    All ``max_tries`` draws are scored at once; the first passing draw wins, else the last (the paper's rule).
-    With ``return_boxes`` also returns the boxes (count*B, 4 as y, x, h, w) and which passed.
-    """
-    b, _, h, w = x.shape
-    tries = max_tries if otsu is not None else 1
-    boxes = _device_native_boxes(generator, x.device, (count, b, tries), h, w, int(size))
-    chosen, passed = _pick_boxes(x, boxes, otsu, dna_index, factor, min_fraction)
-    flat = chosen.reshape(-1, 4)
-    bidx = torch.arange(b, device=x.device).repeat(count)
-    crops = _gather_crops(x, bidx, flat[:, 0], flat[:, 1], int(size))
-    return (crops, flat, passed.reshape(-1)) if return_boxes else crops
-
-
-def random_resized_crop_batch(
-    x: torch.Tensor,
-    size: int,
-    scale: Sequence[float],
-    ratio: Sequence[float] = DEFAULT_RATIO,
-    generator: torch.Generator | None = None,
-    count: int = 1,
-    otsu: torch.Tensor | None = None,
-    dna_index: int | None = None,
-    max_tries: int = 20,
-    factor: float = DEFAULT_FACTOR,
-    min_fraction: float = DEFAULT_MIN_FRACTION,
-    return_boxes: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RandomResizedCrop of whole sites on the device via roi_align: (count*B, C, size, size), view-major.
-
-    roi_align averages several samples per output pixel when a box is larger than ``size`` (an antialiased
-    downscale) and copies pixels exactly when the box already has that size. uint16 input gives rounded uint16.
-    With ``otsu`` and ``dna_index`` each crop is redrawn up to ``max_tries`` times until it contains cells.
-    """
-    b, _, h, w = x.shape
-    sc = as_scale(scale)
-    if sc is None:
-        raise ConfigError("random_resized_crop_batch needs a scale range; use random_crop_with_cells_batch otherwise")
-    rt = _check_range("ratio", ratio, 1e-9)
-    tries = max_tries if otsu is not None else 1
-    boxes = _device_resized_boxes(generator, x.device, (count, b, tries), h, w, sc, rt)
-    chosen, passed = _pick_boxes(x, boxes, otsu, dna_index, factor, min_fraction)
-    flat = chosen.reshape(-1, 4)
-    bidx = torch.arange(b, device=x.device).repeat(count)
-    xf = x if x.is_floating_point() else x.to(torch.float32)
-    rois = torch.stack([bidx, flat[:, 1], flat[:, 0], flat[:, 1] + flat[:, 3], flat[:, 0] + flat[:, 2]], dim=1).to(
-        xf.dtype
-    )
-    crops = roi_align(xf, rois, output_size=(int(size), int(size)), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    if not x.is_floating_point():
-        crops = crops.round_().clamp_(0, UINT16_MAX).to(torch.int32).to(x.dtype)
-    return (crops, flat, passed.reshape(-1)) if return_boxes else crops
 
 
 # ----------------------------------------------------------------------------------------------------------- recipes

@@ -2,49 +2,21 @@
 
 Thresholds are in RAW intensity units (the uint16 scale). The rule: a region contains cells when at least
 ``min_fraction`` (1 %) of its DNA pixels exceed ``factor`` (0.7) times the Otsu threshold. The integral-image helpers
-answer that question for any box in O(1), which is what crop sampling needs.
+answer that question for any box in O(1), which is what crop sampling needs. Stored thresholds are brought to raw
+units by ``data.schema.otsu_to_raw``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 
-from data.schema import otsu_to_raw
-from utils.errors import DataError
-
 UINT16_MAX = 65535.0
 DEFAULT_FACTOR = 0.7
 DEFAULT_MIN_FRACTION = 0.01
 MIN_SAMPLES_PER_SIDE = 32
-
-
-def normalize_otsu(value: Any) -> Any:
-    """Bring a stored Otsu threshold to raw uint16 units, because the paper's files mix two scales.
-
-    Rule: a threshold <= 1.0 is read as the [0, 1] scale (the image divided by 65535) and multiplied by 65535;
-    anything larger is already raw. NaN (unknown) stays NaN. Works element-wise on floats, numpy arrays and torch
-    tensors. A negative or infinite threshold raises DataError.
-    """
-    if isinstance(value, torch.Tensor):
-        v = value.to(torch.float64) if not value.is_floating_point() else value
-        bad = torch.isinf(v) | (v < 0)
-        if bool(bad.any()):
-            raise DataError(f"invalid Otsu threshold {v[bad].flatten()[0].item()!r}: must be >= 0 and finite")
-        return torch.where(v <= 1.0, v * UINT16_MAX, v)
-    if isinstance(value, np.ndarray):
-        v = value.astype(np.float64)
-        bad = np.isinf(v) | (v < 0)
-        if bad.any():
-            raise DataError(f"invalid Otsu threshold {v[bad].flat[0]!r}: must be >= 0 and finite")
-        return np.where(v <= 1.0, v * UINT16_MAX, v)
-    v = float(value)
-    if math.isinf(v) or v < 0:
-        raise DataError(f"invalid Otsu threshold {value!r}: must be >= 0 and finite")
-    return otsu_to_raw(v, UINT16_MAX)
 
 
 def _subsample_step(height: int, width: int, subsample: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -343,20 +344,38 @@ def _parse_otsu(df: pd.DataFrame, problems: _Problems) -> None:
     invalid = np.isinf(values) | (values < 0)
     for i in np.flatnonzero(non_numeric | invalid):
         problems.add("invalid Otsu_th", f"{_line(int(i))} ({df[OTSU_COLUMN].iloc[i]!r})")
-    values = np.where(invalid, np.nan, values)
-    df[OTSU_COLUMN] = np.where(values <= 1.0, values * 65535.0, values)
+    df[OTSU_COLUMN] = otsu_to_raw(np.where(invalid, np.nan, values))
 
 
-def otsu_to_raw(value: float | None, scale: float = 65535.0) -> float:
-    """A stored Otsu threshold in raw uint16 units: <= 1.0 means the [0,1] scale (docs/DATA.md); None/NaN give NaN."""
+def otsu_to_raw(value: Any, scale: float = 65535.0) -> Any:
+    """Bring a stored Otsu threshold to raw uint16 units, because the paper's files mix two scales (docs/DATA.md).
+
+    Rule: a threshold <= 1.0 is read as the [0, 1] scale (the image divided by 65535) and multiplied by ``scale``;
+    anything larger is already raw. NaN (unknown) stays NaN. A scalar (or None, which gives NaN) returns a float;
+    numpy arrays and torch tensors are converted element-wise (integer inputs become float64). A negative or
+    infinite threshold raises DataError.
+    """
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported; no import cost otherwise
+    if torch is not None and isinstance(value, torch.Tensor):
+        v = value if value.is_floating_point() else value.to(torch.float64)
+        bad = torch.isinf(v) | (v < 0)
+        if bool(bad.any()):
+            raise DataError(f"invalid Otsu threshold {v[bad].flatten()[0].item()!r}: must be >= 0 and finite")
+        return torch.where(v <= 1.0, v * scale, v)
+    if isinstance(value, np.ndarray):
+        v = value.astype(np.float64)
+        bad = np.isinf(v) | (v < 0)
+        if bad.any():
+            raise DataError(f"invalid Otsu threshold {v[bad].flat[0]!r}: must be >= 0 and finite")
+        return np.where(v <= 1.0, v * scale, v)
     if value is None:
         return math.nan
-    value = float(value)
-    if math.isnan(value):
+    v = float(value)
+    if math.isnan(v):
         return math.nan
-    if math.isinf(value) or value < 0:
-        raise DataError(f"invalid Otsu threshold {value!r}: must be >= 0 and finite")
-    return value * scale if value <= 1.0 else value
+    if math.isinf(v) or v < 0:
+        raise DataError(f"invalid Otsu threshold {v!r}: must be >= 0 and finite")
+    return v * scale if v <= 1.0 else v
 
 
 def load_site_table(

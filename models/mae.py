@@ -20,7 +20,7 @@ from torch import nn
 from models.backbones import backbone_img_size, backbone_patch_size, create_backbone
 from models.base import SSLMethod
 from utils.errors import CheckpointError, ConfigError
-from utils.seeding import sample_seed
+from utils.seeding import keyed_generator
 
 # Decoder (width, depth, heads) by encoder width: 384/768 are the paper's §2.2, 1024/1280 the MAE paper's,
 # 192 and 32 (vit_tiny, vit_debug) are ours. Override with args decoder_embed_dim/decoder_depth/decoder_num_heads.
@@ -201,9 +201,7 @@ class MaskedAutoencoder(SSLMethod):
     def step_generator(self, device: torch.device, state: dict[str, Any]) -> torch.Generator:
         """A generator seeded from (seed, epoch, step, rank): masks are reproducible and resume exactly."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        gen = torch.Generator(device=device)
-        gen.manual_seed(sample_seed(self.seed, "mae-mask", state.get("epoch", 0), state.get("step", 0), rank))
-        return gen
+        return keyed_generator(self.seed, device, "mae-mask", state.get("epoch", 0), state.get("step", 0), rank)
 
     def forward(self, views: list[torch.Tensor], state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """All views of all samples are independent reconstructions; the loss is averaged over view tensors."""

@@ -18,11 +18,10 @@ from data.augment import (
     as_scale,
     crop_and_resize,
     get_recipe,
-    random_crop_with_cells_batch,
-    random_resized_crop_batch,
     sample_crop_boxes,
 )
 from data.cellmask import box_fractions, integral_mask
+from data.intensity import uint16_to_float
 from utils.errors import ConfigError, DataError
 
 ALL_ON = dict(hflip_p=1.0, vflip_p=1.0, rot90_p=1.0, shift_p=1.0, gamma_p=1.0, blur_p=1.0, noise_p=1.0, drop_p=1.0)
@@ -49,6 +48,20 @@ class RecordingArray:
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def _aa_bilinear_halving(n_out: int) -> np.ndarray:
+    """(n_out, 2 n_out) weights of an antialiased bilinear 2x downscale (PIL's and torch's triangle filter).
+
+    Each output pixel weighs the four inputs around its 2x2 pair as (1, 3, 3, 1) / 8; at the edges the taps that
+    fall outside are dropped and the rest renormalised ((3, 3, 1) / 7).
+    """
+    m = np.zeros((n_out, 2 * n_out))
+    for i in range(n_out):
+        for j, weight in zip(range(2 * i - 1, 2 * i + 3), (1, 3, 3, 1)):
+            if 0 <= j < 2 * n_out:
+                m[i, j] = weight
+    return m / m.sum(axis=1, keepdims=True)
 
 
 # ------------------------------------------------------------------------------------------------- specs and recipes
@@ -145,16 +158,12 @@ def test_resized_boxes_area_ratio_and_fallback() -> None:
 def test_resized_boxes_match_torchvision_distribution() -> None:
     from torchvision.transforms import RandomResizedCrop
 
-    from data.augment import _device_resized_boxes
-
     torch.manual_seed(0)
     ref = np.array([RandomResizedCrop.get_params(torch.empty(1, 60, 90), [0.2, 0.9], [0.5, 2.0]) for _ in range(3000)])
-    ours_np = _resized_boxes(np.random.default_rng(0), (3000,), 60, 90, (0.2, 0.9), (0.5, 2.0))
-    ours_t = _device_resized_boxes(_gen(0), torch.device("cpu"), (3000,), 60, 90, (0.2, 0.9), (0.5, 2.0)).numpy()
-    for ours in (ours_np, ours_t):
-        for stat in (lambda b: b[:, 2] * b[:, 3] / 5400, lambda b: np.log(b[:, 3] / b[:, 2])):
-            assert abs(stat(ours).mean() - stat(ref).mean()) < 0.03
-            assert abs(stat(ours).std() - stat(ref).std()) < 0.03
+    ours = _resized_boxes(np.random.default_rng(0), (3000,), 60, 90, (0.2, 0.9), (0.5, 2.0))
+    for stat in (lambda b: b[:, 2] * b[:, 3] / 5400, lambda b: np.log(b[:, 3] / b[:, 2])):
+        assert abs(stat(ours).mean() - stat(ref).mean()) < 0.03
+        assert abs(stat(ours).std() - stat(ref).std()) < 0.03
 
 
 def test_crop_and_resize_reads_only_boxes_and_copies() -> None:
@@ -312,20 +321,27 @@ def test_no_augmentation_writes_into_its_input() -> None:
 
 def test_views_of_one_site_are_independent() -> None:
     """The paper's bug: a crop was a view of the site and the colour ops wrote through it into later views."""
-    site = torch.rand(1, 5, 24, 24)
-    pristine = site.clone()
+    site = np.random.default_rng(7).integers(0, 65535, (5, 24, 24)).astype(np.uint16)
+    pristine = site.copy()
     aug = GpuAugment(**ALL_ON)
     # every crop is the whole site, so in a pipeline that writes in place each view would see earlier views' changes
-    crops = random_crop_with_cells_batch(site, None, 24, None, _gen(0), count=6)
+    boxes, _ = sample_crop_boxes(None, 24, 24, ViewSpec(6, 24), np.random.default_rng(0))
+    np.testing.assert_array_equal(boxes, [[0, 0, 24, 24]] * 6)
+    crops = crop_and_resize(site, boxes, 24)  # the worker path of TrainCropDataset
+    assert not np.shares_memory(crops, site)
+    x = uint16_to_float(torch.from_numpy(crops))  # what AugmentRecipe.augment does on the device
     gen = _gen(8)
     views = []
     for k in range(6):
-        params = aug.sample_params(crops[k : k + 1].shape, gen)
-        views.append((aug.apply(crops[k : k + 1], params), params))
-    assert torch.equal(site, pristine) and torch.equal(crops, pristine.expand(6, -1, -1, -1))
+        params = aug.sample_params(x[k : k + 1].shape, gen)
+        views.append((aug.apply(x[k : k + 1], params), params))
+    assert np.array_equal(site, pristine) and np.array_equal(crops, np.broadcast_to(pristine, crops.shape))
+    reference = uint16_to_float(torch.from_numpy(pristine))[None]
     for view, params in views:
-        torch.testing.assert_close(view, aug.apply(pristine, params), rtol=0, atol=0)
+        torch.testing.assert_close(view, aug.apply(reference, params), rtol=0, atol=0)
     assert not torch.allclose(views[0][0], views[1][0])
+    crops[0] = 0  # one crop's memory is neither the site's nor another crop's
+    assert np.array_equal(site, pristine) and np.array_equal(crops[1], pristine)
     # the full recipe on collated uint16 views leaves them untouched as well
     recipe = get_recipe("dino", global_crops_size=16, local_crops_size=8, local_crops_number=3, **ALL_ON)
     raw = [torch.randint(0, 65535, (2 * v.count, 5, v.size, v.size)).to(torch.uint16) for v in recipe.views]
@@ -335,41 +351,49 @@ def test_views_of_one_site_are_independent() -> None:
     assert [o.shape for o in out] == [r.shape for r in raw] and all(o.dtype == torch.float32 for o in out)
 
 
-def test_device_cell_crops_match_slicing_and_rule() -> None:
+def test_cell_crops_match_slicing_and_rule() -> None:
+    """The worker path of TrainCropDataset: boxes from the DNA integral image, then crop_and_resize of those boxes."""
     rng = np.random.default_rng(5)
-    x = torch.from_numpy(np.stack([_site(rng, h=48, w=56) for _ in range(3)]))
-    otsu = torch.tensor([20000.0, 20000.0, 70000.0])  # site 2: nothing exceeds 0.7 x Otsu
-    before = x.clone()
-    crops, boxes, passed = random_crop_with_cells_batch(
-        x, otsu, 20, 4, _gen(1), max_tries=50, count=4, return_boxes=True
-    )
-    assert crops.shape == (12, 5, 20, 20) and crops.dtype == torch.uint16
-    assert torch.equal(x, before)
-    for n in range(12):
-        b = n % 3  # view-major: crop k of sample b is row k*B + b
-        y0, x0, h, w = boxes[n].tolist()
-        assert torch.equal(crops[n], x[b, :, y0 : y0 + h, x0 : x0 + w])
-        frac = (x[b, 4, y0 : y0 + h, x0 : x0 + w].float() > 0.7 * otsu[b]).float().mean()
-        assert bool(passed[n]) == (frac >= 0.01)
-    assert passed.reshape(4, 3)[:, :2].all() and not passed.reshape(4, 3)[:, 2].any()
-    xf = x.float() / 65535  # float sites are on the [0, 1] scale; the threshold stays raw
-    crops_f = random_crop_with_cells_batch(xf, otsu, 20, 4, _gen(1), max_tries=50, count=4)
-    torch.testing.assert_close(crops_f, crops.float() / 65535)
+    sites = [_site(rng, h=48, w=56) for _ in range(3)]
+    otsu = [20000.0, 20000.0, 70000.0]  # site 2: nothing exceeds 0.7 x Otsu
+    before = [s.copy() for s in sites]
+    draw = np.random.default_rng(1)
+    for b, (site, thr) in enumerate(zip(sites, otsu)):
+        integral = integral_mask(site[4], thr)
+        boxes, passed = sample_crop_boxes(integral, 48, 56, ViewSpec(4, 20), draw, max_tries=50)
+        crops = crop_and_resize(site, boxes, 20)
+        assert crops.shape == (4, 5, 20, 20) and crops.dtype == np.uint16
+        np.testing.assert_array_equal(site, before[b])
+        for crop, ok, (y0, x0, h, w) in zip(crops, passed, boxes.tolist()):
+            assert (h, w) == (20, 20)
+            np.testing.assert_array_equal(crop, site[:, y0 : y0 + h, x0 : x0 + w])
+            frac = np.mean(site[4, y0 : y0 + h, x0 : x0 + w] > 0.7 * thr)  # brute force on pixels
+            assert bool(ok) == (frac >= 0.01)
+        assert passed.all() if b < 2 else not passed.any()
+    # crops are read from raw uint16 sites only; float [0, 1] values appear on the device (uint16_to_float)
+    with pytest.raises(DataError, match="uint16"):
+        crop_and_resize(sites[0].astype(np.float32) / 65535, np.array([[0, 0, 20, 20]]), 20)
 
 
-def test_device_resized_crops_roi_align_semantics() -> None:
-    x = torch.rand(2, 3, 32, 32)
-    whole = random_resized_crop_batch(x, 32, (1.0, 1.0), (1.0, 1.0), _gen(0))
-    torch.testing.assert_close(whole, x)  # box == output size: an exact copy
-    half = random_resized_crop_batch(x, 16, (1.0, 1.0), (1.0, 1.0), _gen(0))
-    torch.testing.assert_close(half, F.avg_pool2d(x, 2))  # 2x box: the mean of each 2x2 block (antialiased)
-    site = torch.from_numpy(_site(np.random.default_rng(6), h=40, w=40))[None].expand(4, -1, -1, -1)
-    crops, boxes, passed = random_resized_crop_batch(
-        site, 12, (0.05, 0.2), generator=_gen(3), count=2, otsu=torch.full((4,), 20000.0), dna_index=4,
-        max_tries=100, return_boxes=True,
-    )  # fmt: skip
-    assert crops.shape == (8, 5, 12, 12) and crops.dtype == torch.uint16 and passed.all()
-    area = (boxes[:, 2] * boxes[:, 3]).float() / 1600
+def test_resized_crops_copy_downscale_and_rule() -> None:
+    site = np.random.default_rng(9).integers(0, 65535, (3, 32, 32)).astype(np.uint16)
+    boxes, _ = sample_crop_boxes(None, 32, 32, ViewSpec(2, 32, (1.0, 1.0), (1.0, 1.0)), np.random.default_rng(0))
+    np.testing.assert_array_equal(boxes, [[0, 0, 32, 32]] * 2)
+    whole = crop_and_resize(site, boxes, 32)
+    np.testing.assert_array_equal(whole, np.broadcast_to(site, whole.shape))  # box == output size: an exact copy
+    # 2x box: antialiased bilinear, i.e. the triangle filter (1, 3, 3, 1) / 8, not the plain 2x2 block mean
+    half = crop_and_resize(site, boxes, 16)
+    m = _aa_bilinear_halving(16)
+    ref = np.einsum("oh,chw,pw->cop", m, site.astype(np.float64), m)
+    assert half.shape == (2, 3, 16, 16) and np.abs(half.astype(np.float64) - ref[None]).max() <= 0.5 + 1e-3
+    site = _site(np.random.default_rng(6), h=40, w=40)
+    integral = integral_mask(site[4], 20000.0)
+    spec = ViewSpec(8, 12, scale=(0.05, 0.2))
+    boxes, passed = sample_crop_boxes(integral, 40, 40, spec, np.random.default_rng(3), max_tries=100)
+    crops = crop_and_resize(site, boxes, 12)
+    assert crops.shape == (8, 5, 12, 12) and crops.dtype == np.uint16 and passed.all()
+    area = boxes[:, 2] * boxes[:, 3] / 1600
     assert area.min() > 0.04 and area.max() < 0.22
-    integral = integral_mask(site[0, 4].numpy(), 20000.0)
-    assert (box_fractions(integral, boxes.numpy()) >= 0.01).all()
+    assert (box_fractions(integral, boxes) >= 0.01).all()
+    for y0, x0, h, w in boxes.tolist():
+        assert np.mean(site[4, y0 : y0 + h, x0 : x0 + w] > 0.7 * 20000.0) >= 0.01

@@ -14,10 +14,10 @@ from data.cellmask import (
     cell_fraction,
     has_cells,
     integral_mask,
-    normalize_otsu,
     otsu_threshold,
     otsu_threshold_batch,
 )
+from data.schema import otsu_to_raw
 from utils.errors import DataError
 
 
@@ -105,13 +105,19 @@ def test_integral_box_fractions_match_brute_force() -> None:
         box_fractions(integral, np.array([[30, 0, 8, 4]]))
 
 
-def test_normalize_otsu_scales() -> None:
-    assert normalize_otsu(0.5) == pytest.approx(0.5 * 65535)
-    assert normalize_otsu(1.0) == pytest.approx(65535.0)
-    assert normalize_otsu(1234.0) == 1234.0
-    assert math.isnan(normalize_otsu(float("nan")))
-    np.testing.assert_allclose(normalize_otsu(np.array([0.1, 500.0])), [0.1 * 65535, 500.0])
-    t = normalize_otsu(torch.tensor([0.2, 800.0, float("nan")]))
+def test_otsu_to_raw_scales_scalars_arrays_and_tensors() -> None:
+    """The one Otsu units rule (data.schema.otsu_to_raw), element-wise on numpy arrays and torch tensors too."""
+    assert otsu_to_raw(0.5) == pytest.approx(0.5 * 65535)
+    assert otsu_to_raw(1.0) == pytest.approx(65535.0)
+    assert otsu_to_raw(1234.0) == 1234.0
+    assert math.isnan(otsu_to_raw(float("nan")))
+    assert isinstance(otsu_to_raw(1234), float) and math.isnan(otsu_to_raw(None))
+    np.testing.assert_allclose(otsu_to_raw(np.array([0.1, 500.0])), [0.1 * 65535, 500.0])
+    t = otsu_to_raw(torch.tensor([0.2, 800.0, float("nan")]))
     assert t[0].item() == pytest.approx(0.2 * 65535) and t[1].item() == 800.0 and math.isnan(t[2].item())
     with pytest.raises(DataError, match="-3"):
-        normalize_otsu(-3.0)
+        otsu_to_raw(-3.0)
+    with pytest.raises(DataError, match="-3"):
+        otsu_to_raw(np.array([5.0, -3.0]))
+    with pytest.raises(DataError, match="inf"):
+        otsu_to_raw(torch.tensor([2.0, float("inf")]))

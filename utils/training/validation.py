@@ -177,7 +177,7 @@ class Validator:
         self.loader = DataLoader(
             dataset, batch_size=self.batch, sampler=sampler, num_workers=num_workers, collate_fn=collate_views,
             pin_memory=pin_memory, drop_last=True, worker_init_fn=seed_worker, persistent_workers=num_workers > 0,
-            generator=torch.Generator().manual_seed(sample_seed(seed, "val_loader")),
+            generator=keyed_generator(seed, "cpu", "val_loader"),
         )
 
     def __len__(self) -> int:
