@@ -56,24 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--intensity", default=D["intensity"],
                       help="override the checkpoint's intensity constants: a preset name or a JSON file")
     ours.add_argument("--image_root", default=D["image_root"], help="folder that relative image paths start from")
-    ours.add_argument("--center-tiles", dest="center_tiles", action="store_true",
+    ours.add_argument("--center-tiles", action="store_true",
                       help="centre the tile grid instead of dropping only the right/bottom border")
-    ours.add_argument("--empty-sites", dest="empty_sites", choices=EMPTY_SITE_RULES, default=D["empty_sites"],
+    ours.add_argument("--empty-sites", choices=EMPTY_SITE_RULES, default=D["empty_sites"],
                       help="site without valid tile: drop it (reported) or use its middle tile (the paper)")
-    ours.add_argument("--well-pool", dest="well_pool", choices=WELL_POOLS, default=D["well_pool"],
+    ours.add_argument("--well-pool", choices=WELL_POOLS, default=D["well_pool"],
                       help="well profile from all valid tiles of the well (the paper) or from its site profiles")
-    ours.add_argument("--cell-factor", dest="cell_factor", type=float, default=D["cell_factor"],
+    ours.add_argument("--cell-factor", type=float, default=D["cell_factor"],
                       help="a pixel has cells above this fraction of the Otsu threshold")
-    ours.add_argument("--min-cell-fraction", dest="min_cell_fraction", type=float, default=D["min_cell_fraction"],
+    ours.add_argument("--min-cell-fraction", type=float, default=D["min_cell_fraction"],
                       help="a tile is valid with at least this fraction of cell pixels")
     norm = p.add_argument_group("normalisation")
     norm.add_argument("--controls", default=D["controls"], choices=CONTROL_CHOICES,
                       help="negative controls: DMSO perturbation, control_type negcon, or negcon when annotated")
-    norm.add_argument("--control-query", dest="control_query", default=D["control_query"],
+    norm.add_argument("--control-query", default=D["control_query"],
                       help="pandas query selecting control wells (overrides --controls)")
-    norm.add_argument("--norm-scope", dest="norm_scope", choices=SCOPES, default=D["norm_scope"],
+    norm.add_argument("--norm-scope", choices=SCOPES, default=D["norm_scope"],
                       help="paper: standardize/mad_robustize per plate, spherize over all plates")
-    norm.add_argument("--mad-reference", dest="mad_reference", choices=MAD_REFERENCES, default=D["mad_reference"],
+    norm.add_argument("--mad-reference", choices=MAD_REFERENCES, default=D["mad_reference"],
                       help="mad_robustize statistics from all wells (the paper) or from control wells")
     run = p.add_argument_group("run")
     run.add_argument("--device", choices=DEVICES, default=D["device"], help="where to embed")
@@ -83,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="reuse finished plates in <outdir>/parts")
     run.add_argument("--skip_bad_images", action="store_true",
                      help="warn about and leave out unreadable images (listed in run.json) instead of stopping")
-    run.add_argument("--save-sites", dest="save_sites", action="store_true",
+    run.add_argument("--save-sites", action="store_true",
                      help="also write site_features.csv (raw site profiles)")
     run.add_argument("--parquet", action="store_true", help="also write parquet copies of the tables")
-    run.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=D["local_rank"],
+    run.add_argument("--local_rank", "--local-rank", type=int, default=D["local_rank"],
                      help=argparse.SUPPRESS)
     return p
 

@@ -32,14 +32,9 @@ OUT_FLAG = {"dino": "--output_dir", "mae": "--output_dir", "simclr": "--ckpt_pat
 
 
 @pytest.fixture(scope="session")
-def plate(tmp_path_factory) -> Path:
+def plate(make_plate) -> Path:
     """One tiny synthetic plate (8 sites of 64 px), made once per session and shared by every run."""
-    from data.synthetic import generate_plates
-
-    out = tmp_path_factory.mktemp("plate")
-    generate_plates(out, plates=1, batches=1, wells=4, sites=2, size=64, seed=0, layout="merged", workers=1,
-                    progress=False)
-    return out / "dataset.csv"
+    return make_plate(4)
 
 
 def _argv(method: str, plate: Path, out: Path, epochs: int, *extra: str) -> list[str]:

@@ -126,13 +126,9 @@ def test_split_errors_name_the_fix():
 
 
 @pytest.fixture(scope="module")
-def plate(tmp_path_factory) -> Path:
-    from data.synthetic import generate_plates
-
-    out = tmp_path_factory.mktemp("plate")
-    generate_plates(out, plates=1, batches=1, wells=5, sites=2, size=64, seed=0, layout="merged", workers=1,
-                    progress=False)
-    return out / "dataset.csv"
+def plate(make_plate) -> Path:
+    """One tiny synthetic plate of 5 wells (10 sites of 64 px)."""
+    return make_plate(5)
 
 
 TINY = {

@@ -33,7 +33,8 @@ def bool_flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean value {value!r}: use true/false, on/off or 1/0")
 
 
-SPELLING_NOTE = "Every flag takes both spellings, --a_b and --a-b; the one listed first is the paper's (or ours)."
+SPELLING_NOTE = ("Every long flag takes both spellings, --a_b and --a-b; the help lists the one the paper uses "
+                 "(for flags the paper did not have, the one this tool uses).")
 
 
 def alternate_spelling(flag: str) -> str | None:
