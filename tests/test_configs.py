@@ -72,3 +72,15 @@ def test_both_flag_spellings_parse_the_same(tmp_path: Path) -> None:
         p.parse_args([*base, "--empty-sites", "center", "--norm_method", "mad_robustize", "--batch_size=4"])
     assert parse_args("dino", ["--batch-size-per-gpu", "8"]).batch_size_per_gpu == 8
     assert respell(["--a-b", "1", "--", "--a-b"], {"--a_b"}) == ["--a_b", "1", "--", "--a-b"]
+
+
+def test_train_config_validates_however_it_is_built(tmp_path: Path) -> None:
+    """The checks live in TrainConfig itself: a replaced field or a hand-built config cannot skip them."""
+    cfg = training_config("mae", path_df=str(tmp_path / "d.csv"), output_dir=str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="TrainConfig.epochs must be >= 1"):
+        dataclasses.replace(cfg, epochs=0)
+    with pytest.raises(ConfigError, match="--mask_ratio must be in"):
+        dataclasses.replace(cfg, flags={**cfg.flags, "mask_ratio": 1.5})
+    with pytest.raises(ConfigError, match="flags lack"):
+        dataclasses.replace(cfg, flags={})
+    assert dataclasses.replace(cfg, epochs=2).epochs == 2

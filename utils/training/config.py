@@ -1,8 +1,10 @@
 """The one typed description of a training run, built from the paper-named flags of a script or from Python.
 
-``config_from_flags`` is the only place that validates training flags. ``TrainConfig.with_world`` then fills in
-what depends on the number of processes (the absolute learning rate, the per-process batch) once the launcher is
-known. Nothing below ``utils.training.loop.train`` sees an ``argparse.Namespace``.
+``TrainConfig.__post_init__`` is the only place that validates a training run (its flags and the fields the loop
+reads), however the config was built: ``config_from_flags``, ``training_config`` or ``dataclasses.replace``.
+``TrainConfig.with_world`` then fills in what depends on the number of processes (the absolute learning rate, the
+per-process batch) once the launcher is known. Nothing below ``utils.training.loop.train`` sees an
+``argparse.Namespace``.
 
 From a notebook::
 
@@ -82,6 +84,15 @@ class TrainConfig:
     batch_per_gpu: int = 0
     hparams: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """The one validation of a training run, however the config was built (flags, Python, ``replace``)."""
+        missing = sorted(REQUIRED_FLAGS[self.method] - set(self.flags)) if self.method in REQUIRED_FLAGS else []
+        if self.method not in REQUIRED_FLAGS or missing:
+            raise ConfigError(f"TrainConfig({self.method!r}): flags lack {', '.join(missing) or 'a known method'}; "
+                              "build it with training_config() or parse_config()")
+        _check_flags(self.method, dict(self.flags))
+        _check_fields(self)
+
     def with_world(self, world_size: int) -> TrainConfig:
         """The config for ``world_size`` processes: scaled lr, per-process batch and hp.json's record."""
         lr, per_gpu = WORLD_RESOLVERS[self.method](self.flags, world_size)
@@ -89,8 +100,32 @@ class TrainConfig:
         return dataclasses.replace(self, world_size=world_size, lr=lr, batch_per_gpu=per_gpu, hparams=hparams)
 
 
+def _check_fields(cfg: TrainConfig) -> None:
+    """The resolved fields the loop relies on (they come from the flags, but a config can also be replaced)."""
+    for name in ("epochs", "accum_iter", "log_every", "val_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.num_workers < 0 or cfg.lr < 0 or cfg.weight_decay < 0 or cfg.clip_grad < 0:
+        raise ConfigError("TrainConfig: num_workers, lr, weight_decay and clip_grad must be >= 0")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ConfigError(f"TrainConfig.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if not cfg.channels or len(set(cfg.channels)) != len(cfg.channels):
+        raise ConfigError(f"TrainConfig.channels must be distinct names, got {list(cfg.channels)}")
+    if cfg.world_size < 0 or (cfg.world_size > 0 and cfg.batch_per_gpu < 1):
+        raise ConfigError("TrainConfig: with_world() gives a positive world size and per-process batch")
+
+
+def normalise_scales(method: str, f: dict[str, Any]) -> None:
+    """Crop scales given as one or two floats become (low, high) tuples, in place (validated by scale_range)."""
+    names = {"dino": ("global_crops_scale", "local_crops_scale"), "simclr": ("scale",)}.get(method, ())
+    for name in names:
+        if f.get(name) is not None:
+            f[name] = scale_range(f[name])
+
+
 def _check_flags(method: str, f: dict[str, Any]) -> None:
-    """Flag values argparse cannot check alone; crop scales become (low, high) tuples in place."""
+    """Flag values argparse cannot check alone (crop scales are checked on a copy: the caller's stay as given)."""
+    normalise_scales(method, f)
     if f["dist_url"] != "env://":
         raise ConfigError(f"--dist_url {f['dist_url']} is not supported: launch with torchrun (env://)")
     if method == "dino":
@@ -104,13 +139,8 @@ def _check_flags(method: str, f: dict[str, Any]) -> None:
             raise ConfigError("--loss mi is not implemented: use --loss dino")
         if f["optimizer"] == "lars":
             raise ConfigError("--optimizer lars is not supported: use --optimizer adamw (the paper's) or sgd")
-        for name in ("global_crops_scale", "local_crops_scale"):
-            if f[name] is not None:
-                f[name] = scale_range(f[name])
         if f["use_fp16"] and f["precision"] not in (None, "fp16"):
             raise ConfigError(f"--use_fp16 true conflicts with --precision {f['precision']}: give only one")
-    if method == "simclr" and f["scale"] is not None:
-        f["scale"] = scale_range(f["scale"])
     for name in ("epochs", "max_epochs", "batch_size", "batch_size_per_gpu", "accum_iter", "samples_per_image",
                  "max_steps_per_epoch", "log_every"):
         value = f.get(name)
@@ -222,15 +252,25 @@ def _simclr_world(f: Mapping[str, Any], world_size: int) -> tuple[float, int]:
 
 
 FIELD_RESOLVERS = {"dino": _dino_fields, "mae": _mae_fields, "simclr": _simclr_fields}
+# The flags the checks read, per method: a hand-built config without them is refused, not half-checked.
+_COMMON = frozenset({"dist_url", "epochs", "num_workers", "max_minutes", "probe_csv", "val_fraction", "val_group",
+                     "val_every", "channels", "max_steps_per_epoch", "log_every", "lr", "min_lr", "clip_grad"})
+REQUIRED_FLAGS: dict[str, frozenset[str]] = {
+    "dino": _COMMON | {"train_hp", "same_perturbations", "use_annot_prob", "loss", "optimizer", "use_fp16",
+                       "precision", "global_crops_scale", "local_crops_scale", "batch_size_per_gpu", "teacher_temp",
+                       "warmup_teacher_temp", "weight_decay", "weight_decay_end"},
+    "mae": _COMMON | {"mask_ratio", "batch_size", "accum_iter", "samples_per_image", "blr", "weight_decay"},
+    "simclr": (_COMMON - {"epochs"}) | {"max_epochs", "scale", "batch_size", "temperature", "wd"},
+}
 WORLD_RESOLVERS = {"dino": _dino_world, "mae": _mae_world, "simclr": _simclr_world}
 
 
 def config_from_flags(method: str, flags: argparse.Namespace | Mapping[str, Any]) -> TrainConfig:
-    """Validate a script's parsed flags and map them onto a TrainConfig (the only place training flags are checked)."""
+    """Map a script's parsed flags onto a TrainConfig, which validates them in ``__post_init__``."""
     if method not in FIELD_RESOLVERS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(FIELD_RESOLVERS)}")
     f = dict(flags.items() if isinstance(flags, Mapping) else vars(flags).items())
-    _check_flags(method, f)
+    normalise_scales(method, f)
     plain = plain_args(f)
     probe = None
     if f["probe_csv"]:
