@@ -28,9 +28,11 @@ step() {  # step NAME TIMEOUT_S CMD...: run one check, keep its log, never stop 
     echo "   exit $? ($(tail -n 1 "$OUT/$name.log"))"
 }
 
-# GPU tests: the test files whose code has CUDA paths (models, augmentation, tiling, intensity, training, inference).
+# GPU tests: the test files whose code has CUDA paths (models, augmentation, tiling, intensity, training, inference,
+# the supervised baseline).
 step tests 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_backbones.py tests/test_augment.py \
-    tests/test_tiling.py tests/test_intensity.py tests/test_cellmask.py tests/test_training.py tests/test_inference.py
+    tests/test_tiling.py tests/test_intensity.py tests/test_cellmask.py tests/test_training.py tests/test_inference.py \
+    tests/test_supervised.py
 step bench_train 210 $PY bench/bench_train.py --device cuda --out "$OUT/bench_train.json"
 step bench_inference 120 $PY bench/bench_inference.py --device cuda
 step bench_eval 60 $PY bench/bench_eval.py --sizes 10000 --skip-full
