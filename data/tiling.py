@@ -87,6 +87,7 @@ class TileLayout:
     width: int
     positions: np.ndarray = field(init=False, repr=False)
     region: Region = field(init=False)
+    rows_cols: tuple[int, int] = field(init=False)  # tiles down and across
 
     def __post_init__(self) -> None:
         g = self.grid
@@ -95,6 +96,8 @@ class TileLayout:
         h, w = int(pos[:, 0].max()) + g.size - y0, int(pos[:, 1].max()) + g.size - x0
         object.__setattr__(self, "positions", pos)
         object.__setattr__(self, "region", Region(self.height, self.width, y0, x0, h, w))
+        ny = len(np.unique(pos[:, 0]))
+        object.__setattr__(self, "rows_cols", (ny, len(pos) // ny))
 
     @property
     def n_tiles(self) -> int:
@@ -102,9 +105,26 @@ class TileLayout:
         return len(self.positions)
 
     def tile(self, region_pixels: torch.Tensor) -> torch.Tensor:
-        """Tiles (B, n, C, size, size) of a batch that holds only the covered region (what the reader returns)."""
-        tiles, _ = tile_batch(region_pixels, self.grid.size, self.grid.stride)
-        return tiles
+        """Tiles (B, n, C, size, size) of a batch that holds only the covered region (what the reader returns).
+
+        Uses the grid computed for this shape; nothing is recomputed per batch.
+        """
+        r = self.region
+        if tuple(region_pixels.shape[-2:]) != (r.h, r.w) or region_pixels.ndim != 4:
+            raise DataError(f"TileLayout.tile expects (B, C, {r.h}, {r.w}) region pixels, "
+                            f"got shape {tuple(region_pixels.shape)}")
+        return _unfold(region_pixels, 0, 0, *self.rows_cols, self.grid.size, self.grid.stride)
+
+
+def _unfold(batch: torch.Tensor, oy: int, ox: int, ny: int, nx: int, size: int, stride: int) -> torch.Tensor:
+    """(B, ny*nx, C, size, size) tiles starting at (oy, ox) via one unfold; always new memory."""
+    region = batch[:, :, oy : oy + (ny - 1) * stride + size, ox : ox + (nx - 1) * stride + size]
+    windows = region.unfold(2, size, stride).unfold(3, size, stride)  # (B, C, ny, nx, size, size), a view
+    b, c = batch.shape[:2]
+    tiles = windows.permute(0, 2, 3, 1, 4, 5).reshape(b, ny * nx, c, size, size)
+    if tiles.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr():
+        tiles = tiles.clone()
+    return tiles
 
 
 def tile_batch(
@@ -142,12 +162,7 @@ def tile_batch(
     ny = len(np.unique(positions[:, 0]))
     nx = len(positions) // ny
     oy, ox = (int(v) for v in positions[0])
-    region = batch[:, :, oy : oy + (ny - 1) * stride + size, ox : ox + (nx - 1) * stride + size]
-    windows = region.unfold(2, size, stride).unfold(3, size, stride)  # (B, C, ny, nx, size, size), a view
-    b, c = batch.shape[:2]
-    tiles = windows.permute(0, 2, 3, 1, 4, 5).reshape(b, ny * nx, c, size, size)
-    if tiles.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr():
-        tiles = tiles.clone()
+    tiles = _unfold(batch, oy, ox, ny, nx, int(size), stride)
     return (tiles[0] if single else tiles), positions
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.tiling import tile_batch, tile_positions, tile_validity
+from data.tiling import TileGrid, tile_batch, tile_positions, tile_validity
 from utils.errors import ConfigError, DataError
 
 
@@ -115,3 +115,16 @@ def test_bad_inputs():
         tile_validity(torch.zeros(1, 2, 3, 4, 4), torch.tensor([1.0, 2.0]), dna_index=2)
     with pytest.raises(DataError, match="\\(C,H,W\\) or \\(B,C,H,W\\)"):
         tile_batch(torch.zeros(8, 8), 4)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_layout_tiles_of_the_region_equal_tiles_of_the_whole_site(center: bool) -> None:
+    """What inference does (read only layout.region, then layout.tile) equals tiling the whole site."""
+    x = torch.arange(2 * 3 * 50 * 70, dtype=torch.int32).reshape(2, 3, 50, 70)
+    layout = TileGrid(16, 12, center).layout(50, 70)
+    r = layout.region
+    expected, positions = tile_batch(x, 16, 12, center)
+    assert np.array_equal(positions, layout.positions)
+    assert torch.equal(layout.tile(x[:, :, r.y0 : r.y0 + r.h, r.x0 : r.x0 + r.w]), expected)
+    with pytest.raises(DataError, match="region pixels"):
+        layout.tile(x)
