@@ -86,11 +86,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """The one validation of a training run, however the config was built (flags, Python, ``replace``)."""
-        missing = sorted(REQUIRED_FLAGS[self.method] - set(self.flags)) if self.method in REQUIRED_FLAGS else []
-        if self.method not in REQUIRED_FLAGS or missing:
-            raise ConfigError(f"TrainConfig({self.method!r}): flags lack {', '.join(missing) or 'a known method'}; "
-                              "build it with training_config() or parse_config()")
-        _check_flags(self.method, dict(self.flags))
+        if self.method not in FIELD_RESOLVERS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(FIELD_RESOLVERS)}")
+        try:
+            _check_flags(self.method, dict(self.flags))
+        except KeyError as exc:  # a hand-built config without the script's flags is refused, not half-checked
+            raise ConfigError(f"TrainConfig({self.method!r}): flags lack {exc}; build it with training_config() "
+                              "or parse_config()") from None
         _check_fields(self)
 
     def with_world(self, world_size: int) -> TrainConfig:
@@ -252,16 +254,6 @@ def _simclr_world(f: Mapping[str, Any], world_size: int) -> tuple[float, int]:
 
 
 FIELD_RESOLVERS = {"dino": _dino_fields, "mae": _mae_fields, "simclr": _simclr_fields}
-# The flags the checks read, per method: a hand-built config without them is refused, not half-checked.
-_COMMON = frozenset({"dist_url", "epochs", "num_workers", "max_minutes", "probe_csv", "val_fraction", "val_group",
-                     "val_every", "channels", "max_steps_per_epoch", "log_every", "lr", "min_lr", "clip_grad"})
-REQUIRED_FLAGS: dict[str, frozenset[str]] = {
-    "dino": _COMMON | {"train_hp", "same_perturbations", "use_annot_prob", "loss", "optimizer", "use_fp16",
-                       "precision", "global_crops_scale", "local_crops_scale", "batch_size_per_gpu", "teacher_temp",
-                       "warmup_teacher_temp", "weight_decay", "weight_decay_end"},
-    "mae": _COMMON | {"mask_ratio", "batch_size", "accum_iter", "samples_per_image", "blr", "weight_decay"},
-    "simclr": (_COMMON - {"epochs"}) | {"max_epochs", "scale", "batch_size", "temperature", "wd"},
-}
 WORLD_RESOLVERS = {"dino": _dino_world, "mae": _mae_world, "simclr": _simclr_world}
 
 
