@@ -110,11 +110,16 @@ def assign_parts(ds: Dataset, cfg: DataConfig, seed: int) -> np.ndarray:
     """The part (train / val / test, or '' for compounds left out of the split file) of every well."""
     mapping = read_split(cfg.splits, cfg.split, cfg.id_column) if cfg.splits else drawn_split(
         ds.compounds, seed, cfg.split, cfg.fractions)
-    parts = np.array([mapping.get(c) or "" for c in ds.compounds], dtype=object)
+    parts = parts_of(ds.compounds, mapping)
     for part in PARTS:
         if not (parts == part).any():
             raise DataError(f"split {cfg.split}: no labelled well in the {part} part")
     return parts
+
+
+def parts_of(compounds: np.ndarray, mapping: dict[str, str]) -> np.ndarray:
+    """The part of every well from a compound -> part mapping ('' for compounds it does not list), in one map."""
+    return pd.Series(compounds).map(mapping).fillna("").to_numpy(dtype=object)
 
 
 def split_table(ds: Dataset, parts: np.ndarray) -> pd.DataFrame:

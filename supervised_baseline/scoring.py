@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from supervised_baseline.config import SupervisedConfig, require_file
-from supervised_baseline.data import Standardiser, assign_parts, load_dataset
+from supervised_baseline.data import Standardiser, assign_parts, load_dataset, parts_of
 from supervised_baseline.metrics import per_assay, summary
 from supervised_baseline.model import FNN
 from supervised_baseline.train import load_model_file, predict, resolve_device
@@ -45,8 +43,7 @@ def evaluate(cfg: SupervisedConfig) -> dict[str, Any]:
     if cfg.data.splits:
         parts = assign_parts(ds, cfg.data, cfg.training.seed)
     else:
-        stored = obj["split"]
-        parts = np.array([stored.get(c, "") for c in ds.compounds], dtype=object)
+        parts = parts_of(ds.compounds, obj["split"])
     test = parts == "test"
     if not test.any():
         raise DataError(f"{cfg.checkpoint}: none of its test compounds is in data.features {cfg.data.features}")

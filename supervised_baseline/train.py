@@ -149,7 +149,7 @@ def train(cfg: SupervisedConfig) -> Path:
     bar = tqdm(range(1, t.epochs + 1), desc=f"{cfg.name} split {cfg.data.split}", unit="epoch", leave=False)
     for epoch in bar:
         model.train()
-        losses = []
+        loss_sum, n_batches = torch.zeros((), device=device), 0
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             loss = masked_bce(model(xb), yb)
@@ -158,8 +158,9 @@ def train(cfg: SupervisedConfig) -> Path:
             if t.clip_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
             optimizer.step()
-            losses.append(float(loss.detach()))
-        record = {"train_loss": float(np.mean(losses)), **validation(model, xv, yv, ds.assays, device)}
+            loss_sum += loss.detach()  # summed on the device: no host sync per step
+            n_batches += 1
+        record = {"train_loss": float(loss_sum) / max(n_batches, 1), **validation(model, xv, yv, ds.assays, device)}
         logger.log_epoch({"epoch": epoch, **record})
         logger.scalars(epoch, record, prefix="")
         bar.set_postfix(loss=f"{record['train_loss']:.4f}", val_auc=f"{record['val_mean_auc']:.3f}")
