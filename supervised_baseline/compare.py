@@ -17,11 +17,13 @@ import pandas as pd
 from supervised_baseline.config import SupervisedConfig, config_from_dict, set_path
 from supervised_baseline.metrics import THRESHOLDS
 from supervised_baseline.scoring import evaluate
-from supervised_baseline.train import train
+from supervised_baseline.train import clear_outputs, train
 from utils.errors import ConfigError
 from utils.evaluation.loading import discover_representations
 from utils.fileio import ensure_dir, write_csv_atomic, write_text_atomic
 
+FINAL_FILES = ("comparison.csv", "comparison.md", "comparison_per_split.csv", "per_assay_auc.csv", "per_assay_auc.png",
+               "per_assay_auc.pdf")
 DEFAULT_BASE: dict[str, Any] = {"name": "fnn", "output_dir": ".", "data": {"features": "", "labels": ""}}
 
 
@@ -114,6 +116,7 @@ def compare(cfg: CompareConfig) -> pd.DataFrame:
     """Train and score every representation on every split; write comparison.csv/.md, per_assay_auc.csv, figure."""
     reps = discover_representations(cfg.input_dir)
     out = ensure_dir(cfg.out_dir)
+    clear_outputs(out, FINAL_FILES)  # the tables appear only when every run has finished
     results, per_assay = [], []
     for name, path in reps:
         for split in range(1, cfg.n_splits + 1):

@@ -9,7 +9,7 @@ from supervised_baseline.config import SupervisedConfig, require_file
 from supervised_baseline.data import Standardiser, assign_parts, load_dataset, parts_of
 from supervised_baseline.metrics import per_assay, summary
 from supervised_baseline.model import FNN
-from supervised_baseline.train import load_model_file, predict, resolve_device
+from supervised_baseline.train import TEST_OUTPUTS, clear_outputs, load_model_file, predict, resolve_device
 from utils.errors import DataError
 from utils.fileio import ensure_dir, write_csv_atomic, write_json_atomic
 
@@ -28,6 +28,8 @@ def evaluate(cfg: SupervisedConfig) -> dict[str, Any]:
     The split is the one the model was trained with (stored in the checkpoint) unless the config names a
     ``data.splits`` file; features are imputed and standardised with the training statistics.
     """
+    out = ensure_dir(cfg.output_dir)
+    clear_outputs(out, TEST_OUTPUTS)  # a failed rerun must not leave an earlier model's scores looking current
     obj = load_model_file(require_file(cfg.checkpoint, "checkpoint"))
     ds = load_dataset(cfg.data)
     missing = [f for f in obj["features"] if f not in ds.features]
@@ -53,7 +55,6 @@ def evaluate(cfg: SupervisedConfig) -> dict[str, Any]:
     device, _ = resolve_device(cfg.training.gpus)
     probabilities = predict(model_from_file(obj).to(device), x, device)
     table = per_assay(probabilities, y, assays)
-    out = ensure_dir(cfg.output_dir)
     result = {**summary(table), "n_test_wells": int(test.sum()), "n_test_compounds": int(len(set(ds.compounds[test]))),
               "checkpoint": str(cfg.checkpoint), "features": str(cfg.data.features), "split": cfg.data.split,
               "best_epoch": int(obj["epoch"])}

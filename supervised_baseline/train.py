@@ -27,6 +27,15 @@ FORMAT = "cellpaint-ssl/supervised/1"
 BEST = "model_best.pt"
 
 
+TEST_OUTPUTS = ("test_metrics.csv", "test_summary.json")
+
+
+def clear_outputs(folder: Path, names: tuple[str, ...]) -> None:
+    """Delete an earlier run's final files up front, so a run that fails leaves nothing that looks complete."""
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+
+
 def resolve_device(gpus: tuple[int, ...] | None) -> tuple[torch.device, list[int]]:
     """The device and the GPU ids to use; without CUDA the run uses the CPU and says so."""
     if not torch.cuda.is_available():
@@ -118,10 +127,11 @@ def train(cfg: SupervisedConfig) -> Path:
     """Train the FNN on the train part, select on val, write model_best.pt, splits.csv, log.txt, hp.json."""
     t0 = time.perf_counter()
     t = cfg.training
+    out = ensure_dir(cfg.output_dir)
+    # a failed rerun must not look complete, and a rerun never resumes: log.txt starts afresh
+    clear_outputs(out, (BEST, "train_summary.json", "splits.csv", "log.txt", "hp.json", *TEST_OUTPUTS))
     ds = load_dataset(cfg.data)
     parts = assign_parts(ds, cfg.data, t.seed)
-    out = ensure_dir(cfg.output_dir)
-    (out / BEST).unlink(missing_ok=True)  # a failed rerun must not leave an earlier model looking current
     write_csv_atomic(split_table(ds, parts), out / "splits.csv")
     train_ds, val_ds = ds.subset(parts == "train"), ds.subset(parts == "val")
     std = Standardiser.fit(train_ds.x)

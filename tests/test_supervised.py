@@ -661,3 +661,29 @@ def test_duplicated_headers_are_named(tmp_path: Path) -> None:
     (tmp_path / "l.csv").write_text("perturbation_id,a1,a1\nA,1,0\n")
     with pytest.raises(DataError, match=r"duplicated column\(s\) \['a1'\]"):
         read_labels(tmp_path / "l.csv")
+
+
+def test_a_failed_rerun_leaves_no_earlier_results_looking_current(tmp_path: Path, small: dict) -> None:
+    """Train and eval delete their earlier final files before they start, so a failure cannot pass for success."""
+    data = {"features": small["features"], "labels": small["labels"]}
+    out = tmp_path / "o"
+    out.mkdir()
+    stale = ["test_metrics.csv", "test_summary.json", "model_best.pt", "train_summary.json"]
+    for name in stale:
+        (out / name).write_text("from an earlier run")
+    with pytest.raises((CheckpointError, DataError), match="none.pt"):
+        evaluate(quick(data, out, checkpoint=str(tmp_path / "none.pt")))
+    assert not (out / "test_metrics.csv").exists() and not (out / "test_summary.json").exists()
+    bad = dict(data, labels=str(tmp_path / "missing.csv"))
+    (tmp_path / "missing.csv").write_text("perturbation_id,a1\nnobody,1\n")  # no compound in common: fails
+    with pytest.raises(DataError, match="no compound in common"):
+        train(quick(bad, out))
+    assert [name for name in stale if (out / name).exists()] == []
+
+
+def test_a_rerun_into_the_same_folder_starts_its_log_afresh(tmp_path: Path, small: dict) -> None:
+    cfg = quick({"features": small["features"], "labels": small["labels"]}, tmp_path / "o")
+    train(cfg)
+    train(cfg)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "o" / "log.txt").read_text().splitlines()]
+    assert epochs == list(range(cfg.training.epochs + 1))
