@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.cli import FlagParser, run_cli
+from utils.cli import FlagParser, column_pair, run_cli
 from utils.evaluation import METADATA_PRESETS, NSP_MODES, EvalConfig, default_device, run_evaluation
 from utils.evaluation.metrics import BATCH_CLASSIFIERS
 
@@ -14,14 +14,6 @@ SPELLING = (
     "flag is new here. Multi-word flags are written with hyphens (--null-size) and also accept underscores "
     "(--null_size), the spelling of the paper's training and inference scripts (utils.cli.FlagParser)."
 )
-
-
-def _mapping(value: str) -> tuple[str, str]:
-    """Parse SRC=DST for --map."""
-    src, sep, dst = value.partition("=")
-    if not sep or not src or not dst:
-        raise argparse.ArgumentTypeError(f"invalid --map {value!r}: use SOURCE=DEST, e.g. Metadata_Well=well")
-    return src, dst
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--replicate-null-size", type=int, default=1000, help="random sets in the percent-replicating null")
     add("--threshold", type=float, default=0.05, help="significance level for corrected p-values")
     add("--controls", nargs="+", default=["DMSO"], help="perturbation_id values of negative controls")
-    add("--map", dest="column_map", type=_mapping, action="append", default=[], metavar="SRC=DST",
+    add("--map", dest="column_map", type=column_pair, action="append", default=[], metavar="SRC=DST",
         help="copy a metadata column onto a required name, e.g. Metadata_broad_sample=perturbation_id")
     add("--metadata-preset", choices=tuple(METADATA_PRESETS), default="none",
         help="map the usual Metadata_* names (Plate, Well, broad_sample, Batch, moa) when present")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from utils.cli import SPELLING_NOTE, FlagParser, run_cli
-from utils.inference.config import DEFAULTS as D
+from utils.cli import SPELLING_NOTE, FlagParser, add_metadata_flags, run_cli
 from utils.inference.config import (
+    CROP_MODES,
     DEVICES,
+    EDGE_RULES,
     EMPTY_SITE_RULES,
     MAD_REFERENCES,
     MODELS,
@@ -16,6 +17,7 @@ from utils.inference.config import (
     WELL_POOLS,
     InferenceConfig,
 )
+from utils.inference.config import DEFAULTS as D
 from utils.profiles import CONTROL_CHOICES, NORM_CHOICES, OPERATIONS, SCOPES
 
 
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--intensity", default=D["intensity"],
                       help="override the checkpoint's intensity constants: a preset name or a JSON file")
     ours.add_argument("--image_root", default=D["image_root"], help="folder that relative image paths start from")
+    add_metadata_flags(ours)
     ours.add_argument("--center-tiles", action="store_true",
                       help="centre the tile grid instead of dropping only the right/bottom border")
     ours.add_argument("--empty-sites", choices=EMPTY_SITE_RULES, default=D["empty_sites"],
@@ -66,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a pixel has cells above this fraction of the Otsu threshold")
     ours.add_argument("--min-cell-fraction", type=float, default=D["min_cell_fraction"],
                       help="a tile is valid with at least this fraction of cell pixels")
+    ours.add_argument("--crop-mode", choices=CROP_MODES, default=D["crop_mode"],
+                      help="tiles: the paper's tile grid; cells: one crop per nucleus (DeepProfiler / Cell-DINO), "
+                           "pooled to sites and wells like tiles (docs/INFERENCE.md, Single-cell crops)")
+    ours.add_argument("--crop-size", type=int, default=D["crop_size"],
+                      help="cells: crop side in pixels around each nucleus, resized to --size for the model")
+    ours.add_argument("--locations", default=D["locations"],
+                      help="cells: folder of CellProfiler nucleus centres, <plate>/<well>-<site>-Nuclei.csv "
+                           "(default: the site CSV's FileName_NucleiLocations column, else nucleus segmentation)")
+    ours.add_argument("--edge-cells", choices=EDGE_RULES, default=D["edge_cells"],
+                      help="cells: a crop crossing the image border is dropped (counted in run.json) or zero-padded")
+    ours.add_argument("--max-cells", type=int, default=D["max_cells"],
+                      help="cells: embed at most this many cells per site (a seeded choice per site; default all)")
     norm = p.add_argument_group("normalisation")
     norm.add_argument("--controls", default=D["controls"], choices=CONTROL_CHOICES,
                       help="negative controls: DMSO perturbation, control_type negcon, or negcon when annotated")
@@ -85,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="warn about and leave out unreadable images (listed in run.json) instead of stopping")
     run.add_argument("--save-sites", action="store_true",
                      help="also write site_features.csv (raw site profiles)")
+    run.add_argument("--save-cells", action="store_true",
+                     help="cells: also write cell_features.parquet (per-cell embeddings with plate, well, field, x, y)")
     run.add_argument("--parquet", action="store_true", help="also write parquet copies of the tables")
     run.add_argument("--local_rank", "--local-rank", type=int, default=D["local_rank"],
                      help=argparse.SUPPRESS)

@@ -18,9 +18,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.segmentation import segment  # noqa: E402
 from data.synthetic import SiteParams, render_site  # noqa: E402
 from utils.handcrafted.measure import FEATURE_GROUPS, MeasureOptions, measure_site  # noqa: E402
-from utils.handcrafted.segment import segment  # noqa: E402
 
 
 def main() -> int:

@@ -145,6 +145,42 @@ def sample_crop_boxes(
     return boxes[np.arange(spec.count), pick], passed
 
 
+CELL_JITTER = 8  # px: a cell-centred box's centre moves up to this far from its nucleus (a nucleus radius is ~11 px)
+
+
+def sample_cell_boxes(
+    centres: np.ndarray,
+    height: int,
+    width: int,
+    spec: ViewSpec,
+    rng: np.random.Generator,
+    jitter: int = CELL_JITTER,
+) -> np.ndarray:
+    """``spec.count`` crop boxes (y, x, h, w) centred on randomly chosen nuclei, with a small jitter, inside the site.
+
+    Box sizes follow the recipe as in ``sample_crop_boxes`` (``spec.size`` px, or a RandomResizedCrop area and
+    aspect draw); the nucleus of each box is drawn uniformly from ``centres`` ((n, 2) (y, x), n >= 1), its centre
+    moved by a uniform integer offset in [-jitter, jitter] per axis, and the box is then shifted, never shrunk,
+    to lie inside the image (so a box near the border is no longer centred, but keeps its size and its cell).
+    """
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    if len(centres) == 0:
+        raise ValueError("sample_cell_boxes needs at least one nucleus centre")
+    if spec.scale is None:
+        if spec.size > height or spec.size > width:
+            raise DataError(f"crop size {spec.size} is larger than the {height}x{width} site")
+        h = w = np.full(spec.count, spec.size, dtype=np.int64)
+    else:
+        boxes = _resized_boxes(rng, (spec.count,), height, width, spec.scale, spec.ratio)
+        h, w = boxes[:, 2], boxes[:, 3]
+    pick = rng.integers(0, len(centres), spec.count)
+    offset = rng.integers(-int(jitter), int(jitter) + 1, (spec.count, 2))
+    centre = np.floor(centres[pick] + 0.5).astype(np.int64) + offset
+    y = np.clip(centre[:, 0] - h // 2, 0, height - h)
+    x = np.clip(centre[:, 1] - w // 2, 0, width - w)
+    return np.stack([y, x, h, w], axis=-1)
+
+
 def _resize_uint16(region: np.ndarray, size: int) -> np.ndarray:
     """Antialiased bilinear resize of a (C, h, w) uint16 region, rounded back to uint16."""
     t = torch.from_numpy(region.astype(np.float32))[None]

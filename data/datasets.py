@@ -3,6 +3,11 @@
 Training randomness comes only from ``utils.seeding.sample_seed(seed, epoch, index)``, so a batch does not depend on
 the number of workers, the rank that loads it or the order in which workers run, and a run resumed at an epoch
 boundary sees exactly the crops the uninterrupted run would have seen.
+
+``crop_mode="cells"`` centres the crops on nuclei (``data.augment.sample_cell_boxes``). A site's nuclei are a
+function of the site alone (its location file, or ``data.segmentation.nucleus_centres`` of its DNA channel), so
+caching them per worker changes no draw; a site without any nucleus falls back to the cell-mask sampling, with the
+same generator, so it gets exactly the crops ``crop_mode="tiles"`` would give it.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from data.augment import AugmentRecipe, crop_and_resize, sample_crop_boxes
+from data.augment import AugmentRecipe, crop_and_resize, sample_cell_boxes, sample_crop_boxes
 from data.cellmask import DEFAULT_FACTOR, DEFAULT_MIN_FRACTION, integral_mask, otsu_threshold
 from data.io import open_site_array, site_otsu
+from data.locations import CROP_MODES, read_locations, site_locations_file
 from data.schema import DEFAULT_CHANNELS, image_paths
+from data.segmentation import nucleus_centres
 from utils.errors import ConfigError, DataError
 from utils.seeding import sample_seed
 
@@ -45,8 +52,13 @@ class TrainCropDataset(Dataset):
     """One item per site: the recipe's crops as uint16 tensors, reading only the crop boxes and the DNA channel.
 
     Item ``i`` is ``{"views": [uint16 (count, C, size, size) per ViewSpec], "index": i, "cell_crops": n}`` where
-    ``n`` counts the crops that satisfied the cell rule. Keys may also be ``(epoch, i)`` pairs, which ignore
-    ``set_epoch``: use them with persistent workers, whose copy of the dataset never sees ``set_epoch``.
+    ``n`` counts the crops that satisfied the cell rule (in cell mode: the crops centred on a nucleus). Keys may
+    also be ``(epoch, i)`` pairs, which ignore ``set_epoch``: use them with persistent workers, whose copy of the
+    dataset never sees ``set_epoch``.
+
+    ``crop_mode="cells"`` centres every crop on a randomly chosen nucleus of the site (``locations``: a folder of
+    CellProfiler location files, else the site table's location column, else segmentation, computed once per site
+    and worker: about 0.1-0.3 s for a 1080 px site on one core, paid once per site and worker for the whole run).
     """
 
     def __init__(
@@ -59,9 +71,13 @@ class TrainCropDataset(Dataset):
         max_tries: int = 20,
         factor: float = DEFAULT_FACTOR,
         min_fraction: float = DEFAULT_MIN_FRACTION,
+        crop_mode: str = "tiles",
+        locations: str | None = None,
     ) -> None:
         if len(table) == 0:
             raise DataError("the training table has no sites")
+        if crop_mode not in CROP_MODES:
+            raise ConfigError(f"crop mode {crop_mode!r} is not one of {', '.join(CROP_MODES)}")
         self.table = table.reset_index(drop=True)
         self.recipe = recipe
         self.channels = tuple(channels)
@@ -72,6 +88,9 @@ class TrainCropDataset(Dataset):
         self.factor = float(factor)
         self.min_fraction = float(min_fraction)
         self._otsu_cache: dict[int, float] = {}
+        self.crop_mode = crop_mode
+        self.locations = locations
+        self._centre_cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.table)
@@ -86,6 +105,33 @@ class TrainCropDataset(Dataset):
             self._otsu_cache[index] = float(site_otsu(row))
         return self._otsu_cache[index]
 
+    def nucleus_centres(self, index: int, row: pd.Series, site: Any) -> np.ndarray:
+        """The site's nuclei (n, 2) (y, x): its location file, else segmentation of its DNA; cached per process."""
+        if index not in self._centre_cache:
+            _, height, width = (int(s) for s in site.shape)
+            path = site_locations_file(row, self.locations)
+            if path is not None:
+                centres = read_locations(path, height, width)
+            else:
+                centres = nucleus_centres(np.asarray(site[self.dna])[None], ("DNA",))
+            self._centre_cache[index] = centres
+        return self._centre_cache[index]
+
+    def _cell_views(self, index: int, row: pd.Series, site: Any, rng: np.random.Generator) -> list[torch.Tensor] | None:
+        """The recipe's crops centred on nuclei; None for a site without nuclei (the caller samples as in tiles)."""
+        centres = self.nucleus_centres(index, row, site)
+        if len(centres) == 0:
+            return None
+        _, height, width = (int(s) for s in site.shape)
+        views = []
+        for spec in self.recipe.views:
+            try:
+                crops = crop_and_resize(site, sample_cell_boxes(centres, height, width, spec, rng), spec.size)
+            except DataError as exc:
+                raise DataError(f"{_site_name(row, self.channels)}: {exc}") from None
+            views.append(torch.from_numpy(crops))
+        return views
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, int(key))
         if not 0 <= index < len(self.table):
@@ -93,6 +139,10 @@ class TrainCropDataset(Dataset):
         row = self.table.iloc[index]
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
         site = open_site_array(row, self.channels)
+        if self.crop_mode == "cells":
+            cell_views = self._cell_views(index, row, site, rng)
+            if cell_views is not None:
+                return {"views": cell_views, "index": index, "cell_crops": sum(len(v) for v in cell_views)}
         _, height, width = (int(s) for s in site.shape)
         dna = np.asarray(site[self.dna])
         otsu = self._metadata_otsu(index, row)

@@ -1,4 +1,10 @@
-"""Site pixels from merged TIFFs, per-channel TIFFs or .npy files, kept as uint16 and checked before use."""
+"""Site pixels from merged TIFFs, per-channel TIFFs or PNGs, or .npy files, as uint16 raw units and checked before use.
+
+Every format lands on one scale, uint16 "raw units" where 65535 is full scale, so everything downstream (the Otsu rule,
+exact uint16 histograms, the [0,1] normalisation) sees the same numbers whatever the file's bit depth: uint8 is
+multiplied by 257 (exact: x/255 == 257x/65535), uint16 is kept, float32 is read as CellProfiler's [0,1] scale.
+When a row names illumination functions (``FileName_Illum{Ch}``), every reader divides each channel by its function.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +15,23 @@ import os
 import struct
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import tifffile
+from PIL import Image
 
 from data.schema import (
     DEFAULT_CHANNELS,
     LAYOUT_COLUMN,
     MERGED_COLUMN,
     OTSU_COLUMN,
+    PNG_SUFFIXES,
     filename_column,
+    illum_filename_column,
     layout_of_path,
     otsu_to_raw,
 )
@@ -30,6 +40,11 @@ from utils.fileio import atomic_path
 
 _UINT16 = np.dtype(np.uint16)
 _fallback_warned: set[str] = set()
+
+RAW_MAX = 65535
+UINT8_TO_RAW = 257  # 255 * 257 == 65535, so x / 255 == x * 257 / 65535 exactly
+SUPPORTED_DTYPES: tuple[str, ...] = ("uint8", "uint16", "float32")
+ILLUM_CACHE_SIZE = 256  # illumination functions kept open per process (memory-mapped: page cache, not copies)
 
 
 class _ThreadErrors(logging.Handler):
@@ -122,13 +137,57 @@ def _to_chw(arr: np.ndarray, axes: str, path: str) -> np.ndarray:
     return arr.reshape((int(np.prod(lead, dtype=np.int64)),) + arr.shape[-2:])
 
 
+def _is_raw_dtype(dtype: np.dtype) -> bool:
+    """uint16 in either byte order: the internal representation, readable without conversion."""
+    return dtype.kind == "u" and dtype.itemsize == 2
+
+
 def _check_dtype(dtype: np.dtype, path: str) -> None:
-    if dtype.kind != "u" or dtype.itemsize != 2:
-        raise DataError(f"{path}: dtype {dtype}, expected uint16")
+    """Refuse pixel types without a defined mapping to the [0,1] scale (signed, 32/64-bit, bool)."""
+    supported = (dtype.kind == "u" and dtype.itemsize in (1, 2)) or (dtype.kind == "f" and dtype.itemsize == 4)
+    if not supported:
+        raise DataError(f"{path}: dtype {dtype.name} is not supported; expected {', '.join(SUPPORTED_DTYPES[:-1])} "
+                        f"or {SUPPORTED_DTYPES[-1]}")
+
+
+def to_raw_uint16(pixels: np.ndarray, path: str) -> np.ndarray:
+    """Bring uint8 / uint16 / float32 pixels to uint16 raw units (a new or native-order array), by bit depth.
+
+    Why one rule: downstream code divides by 65535 and thresholds in raw units, so an 8-bit PNG and the 16-bit TIFF it
+    came from must give the same [0,1] image. uint8 is multiplied by 257 (exact), uint16 is kept, float32 is read as
+    the [0,1] scale (CellProfiler's convention) times 65535, rounded; float values outside [0,1] or NaN are refused
+    rather than clipped, because they mean the file is on another scale.
+    """
+    dtype = pixels.dtype
+    _check_dtype(dtype, path)
+    if _is_raw_dtype(dtype):
+        return np.ascontiguousarray(pixels, dtype=_UINT16)
+    if dtype.kind == "u":
+        out = np.asarray(pixels).astype(_UINT16)
+        out *= UINT8_TO_RAW
+        return out
+    values = np.asarray(pixels, dtype=np.float64)
+    has_nan = bool(np.isnan(values).any())
+    finite = not has_nan or not np.isnan(values).all()
+    lo, hi = (float(np.nanmin(values)), float(np.nanmax(values))) if finite else (math.nan, math.nan)
+    if has_nan or lo < 0.0 or hi > 1.0:
+        found = (f"[{lo:g}, {hi:g}]" if finite else "only") + (" and NaN" if has_nan else "")
+        raise DataError(f"{path}: {dtype.name} values must lie in [0, 1] (float images are read on the [0,1] scale), "
+                        f"found {found}")
+    return np.rint(values * RAW_MAX).astype(_UINT16)
+
+
+def _count_message(path: str, shape: Sequence[int], expected: int, channels: Sequence[str] = ()) -> str:
+    """Wrong channel count, recognising the common (H,W,C) mistake so the fix is obvious."""
+    names = f" ({', '.join(channels)})" if channels else ""
+    if len(shape) == 3 and shape[-1] == expected and shape[0] != expected:
+        return (f"{path}: array of shape {tuple(int(n) for n in shape)} looks channels-last (H,W,C); expected "
+                f"channels first (C,H,W) with C={expected}{names}")
+    return f"{path}: {shape[0]} channels, expected {expected}{names}"
 
 
 def _read_tiff(path: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """Whole (C,H,W) uint16 array and the page-0 description of one TIFF."""
+    """Whole (C,H,W) array in uint16 raw units and the page-0 description of one TIFF."""
     path = str(path)
     with _open_tiff(path) as tif:
         if not tif.series:
@@ -143,7 +202,7 @@ def _read_tiff(path: str) -> tuple[np.ndarray, dict[str, Any]]:
             raise DataError(f"{path}: corrupt TIFF pixel data ({_short(exc)})") from None
         axes = series.axes
     arr = _to_chw(arr, axes, path)
-    return np.ascontiguousarray(arr, dtype=_UINT16), desc
+    return to_raw_uint16(arr, path), desc
 
 
 def _declared_channels(desc: Mapping[str, Any]) -> list[str] | None:
@@ -153,48 +212,112 @@ def _declared_channels(desc: Mapping[str, Any]) -> list[str] | None:
     return None
 
 
-def _channel_index(n_file: int, declared: list[str] | None, channels: Sequence[str], path: str) -> list[int]:
-    """Indices of ``channels`` in a file: by name when the file declares names, else the file order must match."""
+def _channel_index(
+    shape: Sequence[int], declared: list[str] | None, channels: Sequence[str], path: str
+) -> list[int]:
+    """Indices of ``channels`` in a (C,H,W) file: by declared name when the file has names, else in file order."""
+    n_file = int(shape[0])
     if declared is not None and len(declared) == n_file:
         absent = [c for c in channels if c not in declared]
         if absent:
             raise DataError(f"{path}: file declares channels {declared}, missing {absent}")
         return [declared.index(c) for c in channels]
     if n_file != len(channels):
-        raise DataError(f"{path}: {n_file} channels, expected {len(channels)} ({', '.join(channels)})")
+        raise DataError(_count_message(path, shape, len(channels), channels))
     return list(range(n_file))
 
 
 def read_merged_tiff(path: str | os.PathLike[str], n_channels: int | None = None) -> tuple[np.ndarray, float]:
-    """The paper's release format: a (C,H,W) uint16 TIFF with the Otsu threshold (raw units) in its description."""
+    """The paper's release format: a (C,H,W) TIFF (uint16, or uint8/float32 converted to raw units) with the Otsu
+    threshold (raw units) in its description."""
     path = str(path)
     arr, desc = _read_tiff(path)
     if n_channels is not None and arr.shape[0] != n_channels:
-        raise DataError(f"{path}: {arr.shape[0]} channels, expected {n_channels}")
+        raise DataError(_count_message(path, arr.shape, n_channels))
     return arr, _otsu_from_description(desc, path)
 
 
-def read_channel_tiffs(paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
-    """Stack one single-plane TIFF per channel (the JUMP layout) in the order given."""
-    planes = []
-    first_shape: tuple[int, ...] | None = None
+_PNG_GRAY_MODES = ("L", "I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 16-bit grayscale as older Pillow opens it
+
+
+def _is_png(path: str) -> bool:
+    return path.lower().endswith(PNG_SUFFIXES)
+
+
+@contextmanager
+def _open_png(path: str) -> Iterator[Image.Image]:
+    """Open a PNG header (no decoding yet), refusing anything but one grayscale channel, errors naming the file."""
+    try:
+        image = Image.open(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected an image file") from None
+    except Exception as exc:  # Pillow raises many types on garbage input
+        raise DataError(f"{path}: corrupt or unreadable PNG ({_short(exc)})") from None
+    with image:
+        if image.format != "PNG":
+            raise DataError(f"{path}: not a PNG file (its content is {image.format})")
+        if image.mode not in _PNG_GRAY_MODES:
+            bands = f"{image.mode} ({len(image.getbands())} channels)"
+            kind = {"1": "1-bit", "P": "palette (colour-mapped)"}.get(image.mode, bands)
+            raise DataError(f"{path}: {kind} PNG; expected one grayscale channel per file (8- or 16-bit)")
+        yield image
+
+
+def _read_png(path: str) -> np.ndarray:
+    """One 8- or 16-bit grayscale PNG as an (H,W) plane in uint16 raw units (PNG is always compressed: read whole)."""
+    with _open_png(path) as image:
+        try:
+            image.load()
+            arr = np.asarray(image)
+        except Exception as exc:
+            raise DataError(f"{path}: corrupt or truncated PNG ({_short(exc)})") from None
+        mode = image.mode
+    if mode == "I":
+        if arr.size and (arr.min() < 0 or arr.max() > RAW_MAX):
+            raise DataError(f"{path}: PNG values span [{arr.min()}, {arr.max()}], beyond 16 bits")
+        arr = arr.astype(_UINT16)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: PNG has shape {arr.shape}, expected one grayscale channel per file")
+    return to_raw_uint16(arr, path)
+
+
+def _png_shape(path: str) -> tuple[int, int]:
+    """(H, W) of a PNG from its header, without decoding the pixels."""
+    with _open_png(path) as image:
+        return int(image.height), int(image.width)
+
+
+def _read_plane(path: str) -> np.ndarray:
+    """One per-channel file (PNG by extension, else TIFF) as an (H,W) plane in uint16 raw units."""
+    if _is_png(path):
+        return _read_png(path)
+    arr, _ = _read_tiff(path)
+    if arr.shape[0] != 1:
+        raise DataError(f"{path}: {arr.shape[0]} planes, expected one channel per file")
+    return arr[0]
+
+
+def read_channel_files(paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+    """Stack one single-plane file per channel (the JUMP layout: TIFF or PNG) in the order given, in raw units."""
+    planes: list[np.ndarray] = []
     for p in paths:
         p = str(p)
-        arr, _ = _read_tiff(p)
-        if arr.shape[0] != 1:
-            raise DataError(f"{p}: {arr.shape[0]} planes, expected one channel per file")
-        if first_shape is None:
-            first_shape = arr.shape[1:]
-        elif arr.shape[1:] != first_shape:
-            raise DataError(f"{p}: shape {arr.shape[1:]} differs from {first_shape} of {paths[0]}")
-        planes.append(arr[0])
+        plane = _read_plane(p)
+        if planes and plane.shape != planes[0].shape:
+            raise DataError(f"{p}: shape {plane.shape} differs from {planes[0].shape} of {paths[0]}")
+        planes.append(plane)
     if not planes:
         raise DataError("no channel files given")
     return np.stack(planes)
 
 
+read_channel_tiffs = read_channel_files  # the name callers used before PNG support; same reader
+
+
 def _load_npy(path: str) -> np.ndarray:
-    """Memory-mapped (C,H,W) uint16 .npy, checked for dtype and rank."""
+    """Memory-mapped (C,H,W) .npy (uint8, uint16 or float32, not yet converted), checked for dtype and rank."""
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
@@ -212,12 +335,13 @@ def _load_npy(path: str) -> np.ndarray:
 
 
 def read_npy(path: str | os.PathLike[str]) -> np.ndarray:
-    """A whole (C,H,W) uint16 .npy site in memory (the paper's second format; Otsu comes from the CSV)."""
+    """A whole (C,H,W) .npy site in memory in uint16 raw units (the paper's second format; Otsu comes from the CSV)."""
     arr = _load_npy(str(path))
     try:
-        return np.array(arr, dtype=_UINT16)  # a real copy: no open file handle, writable, native byte order
+        values = np.array(arr)  # a real copy: no open file handle, writable
     except (ValueError, OSError) as exc:
         raise DataError(f"{path}: unreadable .npy data ({_short(exc)})") from None
+    return to_raw_uint16(values, str(path))  # native byte order, raw units
 
 
 def _layout(row: Mapping[str, Any]) -> str:
@@ -228,6 +352,9 @@ def _layout(row: Mapping[str, Any]) -> str:
     merged = row.get(MERGED_COLUMN)
     if isinstance(merged, str) and merged:
         inferred = layout_of_path(merged)
+        if inferred is None and _is_png(merged):
+            raise DataError(f"{merged}: a PNG holds one channel, not a merged site; list one PNG per channel "
+                            f"(FileName_Orig* columns)")
         if inferred is None:
             raise DataError(f"{merged}: unsupported image extension (use .tif/.tiff or .npy)")
         return inferred
@@ -262,7 +389,7 @@ def _channel_paths(row: Mapping[str, Any], channels: Sequence[str]) -> list[str]
 def _read_merged_site(row: Mapping[str, Any], channels: Sequence[str]) -> tuple[np.ndarray, float]:
     path = str(row[MERGED_COLUMN])
     arr, desc = _read_tiff(path)
-    idx = _channel_index(arr.shape[0], _declared_channels(desc), channels, path)
+    idx = _channel_index(arr.shape, _declared_channels(desc), channels, path)
     if idx != list(range(arr.shape[0])):
         arr = np.ascontiguousarray(arr[idx])
     otsu = _otsu_from_description(desc, path)
@@ -272,27 +399,124 @@ def _read_merged_site(row: Mapping[str, Any], channels: Sequence[str]) -> tuple[
 def _read_npy_site(row: Mapping[str, Any], channels: Sequence[str]) -> tuple[np.ndarray, float]:
     path = str(row[MERGED_COLUMN])
     arr = read_npy(path)
-    _channel_index(arr.shape[0], None, channels, path)
+    _channel_index(arr.shape, None, channels, path)
     return arr, _row_otsu(row)
 
 
 def _read_per_channel_site(row: Mapping[str, Any], channels: Sequence[str]) -> tuple[np.ndarray, float]:
-    return read_channel_tiffs(_channel_paths(row, channels)), _row_otsu(row)
+    return read_channel_files(_channel_paths(row, channels)), _row_otsu(row)
 
 
 _SITE_READERS = {"merged": _read_merged_site, "npy": _read_npy_site, "per-channel": _read_per_channel_site}
 
+_illum_lock = threading.Lock()
+_illum_cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
 
-def read_site(row: Mapping[str, Any], channels: Sequence[str] = DEFAULT_CHANNELS) -> tuple[np.ndarray, float]:
+
+def _read_illum(path: str) -> np.ndarray:
+    """Validated (H,W) illumination function, memory-mapped in its stored dtype so reader processes share the page
+    cache instead of each holding a copy (CellProfiler writes float64; regions are cast to float32 when applied)."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: illumination file not found") from None
+    except Exception as exc:
+        raise DataError(f"{path}: corrupt or unreadable illumination .npy ({_short(exc)})") from None
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"{path}: holds {type(arr).__name__}, expected one (H,W) illumination array")
+    if arr.dtype.kind not in "fiu":
+        raise DataError(f"{path}: illumination function has dtype {arr.dtype.name}, expected a float array")
+    if arr.ndim != 2:
+        raise DataError(f"{path}: illumination function has shape {arr.shape}, expected (H,W)")
+    try:
+        values = np.asarray(arr, dtype=np.float32)  # checked as it is applied: a float64 1e-50 is 0 in float32
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: unreadable illumination data ({_short(exc)})") from None
+    if not np.isfinite(values).all():
+        raise DataError(f"{path}: illumination function holds NaN or infinite values")
+    lowest = float(values.min()) if values.size else 0.0
+    if lowest <= 0.0:
+        raise DataError(f"{path}: illumination function has values <= 0 (min {lowest:g}); it must be positive")
+    return arr
+
+
+def load_illum(path: str | os.PathLike[str]) -> np.ndarray:
+    """An illumination function, read and checked once per process (keyed by path, size and mtime; thread-safe).
+
+    The key includes the file's size and modification time so a function rewritten in place is read again.
+    """
+    path = str(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: illumination file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable illumination file ({exc.strerror})") from None
+    key = (path, st.st_size, st.st_mtime_ns)
+    with _illum_lock:
+        found = _illum_cache.get(key)
+        if found is None:
+            found = _illum_cache[key] = _read_illum(path)
+            while len(_illum_cache) > ILLUM_CACHE_SIZE:
+                _illum_cache.popitem(last=False)
+        _illum_cache.move_to_end(key)
+        return found
+
+
+def apply_illumination(raw: np.ndarray, illum: np.ndarray) -> np.ndarray:
+    """``raw / illum`` in float32, rounded to the nearest level and clipped to uint16 (the one correction rule)."""
+    corrected = np.divide(np.asarray(raw), np.asarray(illum), dtype=np.float32)
+    np.rint(corrected, out=corrected)
+    np.clip(corrected, 0, RAW_MAX, out=corrected)
+    return corrected.astype(_UINT16)
+
+
+def _illum_paths(row: Mapping[str, Any], channels: Sequence[str]) -> list[str] | None:
+    """The row's illumination files in ``channels`` order, None when it names none."""
+    values = [row.get(illum_filename_column(ch)) for ch in channels]
+    given = [isinstance(v, str) and v.strip() != "" for v in values]
+    if not any(given):
+        return None
+    if not all(given):
+        absent = [illum_filename_column(ch) for ch, ok in zip(channels, given) if not ok]
+        raise DataError(f"site {_site_name(row)}: illumination files for some channels but no {', '.join(absent)}")
+    return [str(v) for v in values]
+
+
+def _site_illum(row: Mapping[str, Any], channels: Sequence[str], plane_shape: Sequence[int]) -> list[np.ndarray] | None:
+    """The row's illumination functions, each checked against the site's (H,W); None when the row names none."""
+    paths = _illum_paths(row, channels)
+    if paths is None:
+        return None
+    functions = []
+    for path in paths:
+        illum = load_illum(path)
+        if tuple(illum.shape) != tuple(plane_shape):
+            raise DataError(f"{path}: illumination function shape {tuple(illum.shape)} differs from the image's "
+                            f"{tuple(int(n) for n in plane_shape)} (site {_site_name(row)})")
+        functions.append(illum)
+    return functions
+
+
+def read_site(
+    row: Mapping[str, Any], channels: Sequence[str] = DEFAULT_CHANNELS, illum: bool = True
+) -> tuple[np.ndarray, float]:
     """One site as uint16 (C,H,W) in ``channels`` order plus its Otsu threshold in raw units (NaN if unknown).
 
     The threshold comes from the merged TIFF's description when it has one, else from the row's ``Otsu_th``.
+    With ``illum`` (the default) a row's ``FileName_Illum{Ch}`` functions divide their channels; ``illum=False``
+    gives the uncorrected pixels (what ``data.illum`` averages).
     """
     layout = _layout(row)
     reader = _SITE_READERS.get(layout)
     if reader is None:
         raise DataError(f"unknown site layout {layout!r}; expected one of {sorted(_SITE_READERS)}")
-    return reader(row, tuple(channels))
+    channels = tuple(channels)
+    pixels, otsu = reader(row, channels)
+    functions = _site_illum(row, channels, pixels.shape[1:]) if illum else None
+    if functions is not None:
+        pixels = np.stack([apply_illumination(plane, f) for plane, f in zip(pixels, functions)])
+    return pixels, otsu
 
 
 class StackedChannels:
@@ -322,8 +546,29 @@ class StackedChannels:
         return arr if dtype is None else arr.astype(dtype)
 
 
+class IlluminatedPlane:
+    """An (H,W) channel divided by its illumination function on access: a crop reads and corrects only its region."""
+
+    def __init__(self, plane: Any, illum: np.ndarray) -> None:
+        self.plane = plane
+        self.illum = illum
+        self.shape = tuple(int(n) for n in plane.shape)
+        self.dtype = _UINT16
+        self.ndim = 2
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return apply_illumination(np.asarray(self.plane[key]), np.asarray(self.illum[key]))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self[...]
+        return arr if dtype is None else arr.astype(dtype)
+
+
 def _memmap_tiff(path: str) -> tuple[np.ndarray, dict[str, Any]] | None:
-    """(C,H,W) memmap of an uncompressed, contiguous, native-order uint16 TIFF; None when the file does not allow it."""
+    """(C,H,W) memmap of an uncompressed, contiguous, native-order uint16 TIFF; None when the file does not allow it.
+
+    Other supported dtypes (uint8, float32) also give None: they need converting, so the caller reads them whole.
+    """
     with _open_tiff(path) as tif:
         if not tif.series:
             raise DataError(f"{path}: corrupt or truncated TIFF (no image pages)")
@@ -334,7 +579,7 @@ def _memmap_tiff(path: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         desc = _description(tif)
         offset = series.dataoffset
         axes, shape = series.axes, tuple(series.shape)
-    if offset is None or axes.endswith("S") or not dtype.isnative:
+    if offset is None or axes.endswith("S") or not dtype.isnative or not _is_raw_dtype(dtype):
         return None
     try:
         mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
@@ -344,13 +589,16 @@ def _memmap_tiff(path: str) -> tuple[np.ndarray, dict[str, Any]] | None:
 
 
 def _warn_full_read(path: str) -> None:
-    """Say once per process that a compressed file is read whole, so slow training has a visible cause."""
+    """Say once per folder that files are read whole for every crop, so slow training has a visible cause."""
     folder = os.path.dirname(path)
     if folder not in _fallback_warned:
         _fallback_warned.add(folder)
+        why = ("PNG (always compressed)" if _is_png(path) else
+               "TIFF (compressed, interleaved, non-contiguous or not uint16)" if path.lower().endswith(
+                   (".tif", ".tiff")) else ".npy (not uint16)")
         warnings.warn(
-            f"{path}: TIFF not memory-mappable (compressed, interleaved or non-contiguous), read whole for every crop "
-            f"(files in {folder})",
+            f"{path}: {why} not memory-mappable, read whole for every crop (files in {folder}); write them as "
+            f"uncompressed uint16 TIFF (data.io.write_merged_tiff) for fast training",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -363,7 +611,7 @@ def _open_merged(row: Mapping[str, Any], channels: Sequence[str]) -> np.ndarray 
         _warn_full_read(path)
         return _read_merged_site(row, channels)[0]
     mm, desc = mapped
-    idx = _channel_index(mm.shape[0], _declared_channels(desc), channels, path)
+    idx = _channel_index(mm.shape, _declared_channels(desc), channels, path)
     if idx == list(range(mm.shape[0])):
         return mm
     return StackedChannels([mm[i] for i in idx])
@@ -372,7 +620,10 @@ def _open_merged(row: Mapping[str, Any], channels: Sequence[str]) -> np.ndarray 
 def _open_npy(row: Mapping[str, Any], channels: Sequence[str]) -> np.ndarray:
     path = str(row[MERGED_COLUMN])
     arr = _load_npy(path)
-    _channel_index(arr.shape[0], None, channels, path)
+    _channel_index(arr.shape, None, channels, path)
+    if not _is_raw_dtype(arr.dtype):
+        _warn_full_read(path)
+        return read_npy(path)
     if not arr.dtype.isnative:
         return read_npy(path)
     return arr
@@ -382,12 +633,16 @@ def _open_per_channel(row: Mapping[str, Any], channels: Sequence[str]) -> Stacke
     paths = _channel_paths(row, channels)
     planes = []
     for p in paths:
-        mapped = _memmap_tiff(p)
-        if mapped is None:
+        if _is_png(p):
             _warn_full_read(p)
-            plane, _ = _read_tiff(p)
+            plane = _read_png(p)[None]
         else:
-            plane = mapped[0]
+            mapped = _memmap_tiff(p)
+            if mapped is None:
+                _warn_full_read(p)
+                plane, _ = _read_tiff(p)
+            else:
+                plane = mapped[0]
         if plane.shape[0] != 1:
             raise DataError(f"{p}: {plane.shape[0]} planes, expected one channel per file")
         if planes and plane.shape[1:] != planes[0].shape:
@@ -400,18 +655,26 @@ _SITE_OPENERS = {"merged": _open_merged, "npy": _open_npy, "per-channel": _open_
 
 
 def open_site_array(
-    row: Mapping[str, Any], channels: Sequence[str] = DEFAULT_CHANNELS
+    row: Mapping[str, Any], channels: Sequence[str] = DEFAULT_CHANNELS, illum: bool = True
 ) -> np.ndarray | StackedChannels:
     """Lazy read-only (C,H,W) uint16 site, so a worker reads only the bytes of its crops.
 
-    Uncompressed contiguous TIFFs and .npy files are memory-mapped. Compressed or non-contiguous TIFFs cannot be,
-    so they are read whole (a RuntimeWarning says so once per folder); the result is then an in-memory array.
+    Uncompressed contiguous uint16 TIFFs and .npy files are memory-mapped. PNGs, other dtypes and compressed or
+    non-contiguous TIFFs cannot be, so they are read whole and converted (a RuntimeWarning says so once per folder);
+    the result is then an in-memory array. A row with illumination functions gives a ``StackedChannels`` of
+    ``IlluminatedPlane``: each indexed region is divided by the same region of its function, as ``read_site`` does.
     """
     layout = _layout(row)
     opener = _SITE_OPENERS.get(layout)
     if opener is None:
         raise DataError(f"unknown site layout {layout!r}; expected one of {sorted(_SITE_OPENERS)}")
-    return opener(row, tuple(channels))
+    channels = tuple(channels)
+    site = opener(row, channels)
+    functions = _site_illum(row, channels, site.shape[1:]) if illum else None
+    if functions is None:
+        return site
+    planes = site.planes if isinstance(site, StackedChannels) else [site[c] for c in range(site.shape[0])]
+    return StackedChannels([IlluminatedPlane(plane, f) for plane, f in zip(planes, functions)])
 
 
 def site_otsu(row: Mapping[str, Any]) -> float:
@@ -426,8 +689,17 @@ def site_otsu(row: Mapping[str, Any]) -> float:
 
 
 def site_shape(row: Mapping[str, Any], channels: Sequence[str] = DEFAULT_CHANNELS) -> tuple[int, int, int]:
-    """(C, H, W) of one site without reading its pixels."""
-    return tuple(int(n) for n in open_site_array(row, channels).shape)  # type: ignore[return-value]
+    """(C, H, W) of one site without reading its pixels (PNG sizes come from their headers)."""
+    channels = tuple(channels)
+    if _layout(row) == "per-channel":
+        paths = _channel_paths(row, channels)
+        if all(_is_png(p) for p in paths):
+            shapes = [_png_shape(p) for p in paths]
+            for p, shape in zip(paths, shapes):
+                if shape != shapes[0]:
+                    raise DataError(f"{p}: shape {shape} differs from {shapes[0]} of {paths[0]}")
+            return (len(paths),) + shapes[0]
+    return tuple(int(n) for n in open_site_array(row, channels, illum=False).shape)  # type: ignore[return-value]
 
 
 _TIFF_FORMATS = {2: "s", 3: "H", 4: "I"}  # ASCII, SHORT, LONG: all that plain uncompressed uint16 pages use
@@ -501,7 +773,10 @@ def open_plain_merged(row: Mapping[str, Any], channels: Sequence[str]) -> tuple[
     """Pixels (lazy) and Otsu of a plain merged TIFF row, or None to take the general reader (``open_site_array``).
 
     The inference prefetcher's fast path: no tifffile parsing, so reader threads do not contend for the GIL.
+    A row with illumination functions gives None, so the general reader applies them.
     """
+    if any(isinstance(value, str) and value for value in (row.get(illum_filename_column(ch)) for ch in channels)):
+        return None
     path = row.get(MERGED_COLUMN)
     if row.get(LAYOUT_COLUMN) not in (None, "merged") or not isinstance(path, str):
         return None

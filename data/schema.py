@@ -13,33 +13,38 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from data.metadata import (
+    ALIASES,
+    apply_column_map,
+    check_sources,
+    fill_negcon_perturbation,
+    join_platemap,
+    map_metadata,
+    read_platemap,
+)
 from utils.errors import DataError
 
 DEFAULT_CHANNELS: tuple[str, ...] = ("Mito", "AGP", "RNA", "ER", "DNA")
 METADATA_COLUMNS: tuple[str, ...] = ("batch", "plate", "well", "field", "perturbation_id", "target")
-OPTIONAL_METADATA: tuple[str, ...] = ("control_type", "gene_group")
-INFERENCE_REQUIRED: tuple[str, ...] = METADATA_COLUMNS
+OPTIONAL_METADATA: tuple[str, ...] = ("target", "control_type", "pert_type", "gene_group")
+# target is optional: most real plates (JUMP, LINCS) annotate no target, and only target-level metrics need one.
+INFERENCE_REQUIRED: tuple[str, ...] = ("batch", "plate", "well", "field", "perturbation_id")
 TRAIN_REQUIRED: tuple[str, ...] = ()
 
 MERGED_COLUMN = "FileName_Merged"
+LOCATIONS_COLUMN = "FileName_NucleiLocations"  # per-site nucleus-centre CSV (data/locations.py), not an image
+LOCATIONS_FOLDER_COLUMN = "PathName_NucleiLocations"
 OTSU_COLUMN = "Otsu_th"
 LAYOUT_COLUMN = "layout"
 LAYOUTS: tuple[str, ...] = ("merged", "npy", "per-channel")
 TIFF_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
 NPY_SUFFIXES: tuple[str, ...] = (".npy",)
+PNG_SUFFIXES: tuple[str, ...] = (".png",)
+CHANNEL_SUFFIXES: tuple[str, ...] = TIFF_SUFFIXES + PNG_SUFFIXES  # one file per channel: TIFF or PNG
+ILLUM_SUFFIXES: tuple[str, ...] = NPY_SUFFIXES  # CellProfiler / JUMP illumination functions
 
-# JUMP / CellProfiler load_data names accepted for each internal column; the paper's own name always wins.
-ALIASES: dict[str, tuple[str, ...]] = {
-    "batch": ("Metadata_Batch", "Metadata_batch"),
-    "plate": ("Metadata_Plate", "Metadata_plate"),
-    "well": ("Metadata_Well", "Metadata_well"),
-    "field": ("Metadata_Site", "Metadata_Field", "Metadata_site", "Metadata_field"),
-    "perturbation_id": ("Metadata_perturbation_id", "Metadata_JCP2022"),
-    "target": ("Metadata_target", "Metadata_Target"),
-    "control_type": ("Metadata_control_type", "Metadata_ControlType"),
-    "gene_group": ("Metadata_gene_group",),
-}
-STRING_COLUMNS: tuple[str, ...] = ("batch", "plate", "well", "perturbation_id", "target", "control_type", "gene_group")
+STRING_COLUMNS: tuple[str, ...] = ("batch", "plate", "well", "perturbation_id", "target", "control_type", "pert_type",
+                                   "gene_group")
 SHOWN_PER_KIND = 3
 
 
@@ -53,8 +58,18 @@ def pathname_column(channel: str) -> str:
     return f"PathName_Orig{channel}"
 
 
+def illum_filename_column(channel: str) -> str:
+    """JUMP load_data_with_illum column holding a channel's illumination function (.npy)."""
+    return f"FileName_Illum{channel}"
+
+
+def illum_pathname_column(channel: str) -> str:
+    """JUMP load_data_with_illum column holding the folder of a channel's illumination function."""
+    return f"PathName_Illum{channel}"
+
+
 def layout_of_path(path: str) -> str | None:
-    """Layout implied by a merged-file extension (None when unsupported)."""
+    """Layout implied by a merged-file extension (None when unsupported, PNG included: it holds one channel)."""
     lower = str(path).lower()
     if lower.endswith(TIFF_SUFFIXES):
         return "merged"
@@ -129,20 +144,15 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
         raise DataError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
 
 
-def _map_metadata(df: pd.DataFrame) -> None:
-    """Copy JUMP metadata columns under the paper's names (in place), keeping the originals."""
-    for name, aliases in ALIASES.items():
-        if name in df.columns:
-            continue
-        for alias in aliases:
-            if alias in df.columns:
-                df[name] = df[alias]
-                break
-
-
 def _missing_column_hint(name: str) -> str:
+    """The internal name plus the load_data / Gallery names that would have filled it, so the fix is obvious."""
     aliases = ALIASES.get(name)
-    return f"'{name}' (JUMP: '{aliases[0]}')" if aliases else f"'{name}'"
+    if not aliases:
+        return f"'{name}'"
+    known = "', '".join(aliases[:3])
+    where = "; per-well metadata can come from --platemap" if name in ("perturbation_id", "target",
+                                                                        "control_type") else ""
+    return f"'{name}' (or '{known}'{where})"
 
 
 def _resolve(base: str, value: Any) -> str:
@@ -212,7 +222,10 @@ def _resolve_paths(
         is_npy = lower.str.endswith(NPY_SUFFIXES).to_numpy() & present
         flagged = present & ~is_tif & ~is_npy
         for i in np.flatnonzero(flagged):
-            problems.add("unsupported image extension", f"{_line(int(i))} ({merged.iloc[i]}; use .tif/.tiff or .npy)")
+            name = str(merged.iloc[i])
+            fix = ("a PNG holds one channel: list one file per channel in FileName_Orig*"
+                   if name.strip().lower().endswith(PNG_SUFFIXES) else "use .tif/.tiff or .npy")
+            problems.add("unsupported image extension", f"{_line(int(i))} ({name}; {fix})")
         layouts[is_tif] = "merged"
         layouts[is_npy] = "npy"
         ok = is_tif | is_npy
@@ -236,11 +249,11 @@ def _resolve_paths(
                 folders = df.loc[rows, folder_col] if folder_col in df.columns else None
                 channel_abs[ch][rows] = _resolve_column(base, df.loc[rows, filename_column(ch)], folders)
                 lower = pd.Series(channel_abs[ch][rows]).str.lower()
-                bad_ext[np.flatnonzero(rows)[~lower.str.endswith(TIFF_SUFFIXES).to_numpy()]] = True
+                bad_ext[np.flatnonzero(rows)[~lower.str.endswith(CHANNEL_SUFFIXES).to_numpy()]] = True
             for i in np.flatnonzero(bad_ext):
                 paths = [channel_abs[ch][i] for ch in channels]
-                bad = next(p for p in paths if not p.lower().endswith(TIFF_SUFFIXES))
-                problems.add("unsupported image extension", f"{_line(int(i))} ({bad}; use .tif/.tiff)")
+                bad = next(p for p in paths if not p.lower().endswith(CHANNEL_SUFFIXES))
+                problems.add("unsupported image extension", f"{_line(int(i))} ({bad}; use .tif/.tiff or .png)")
             layouts[rows] = "per-channel"
 
     for i in np.flatnonzero(pd.isna(layouts) & ~flagged):
@@ -250,6 +263,68 @@ def _resolve_paths(
     df[MERGED_COLUMN] = merged_abs
     for ch in channels:
         df[filename_column(ch)] = channel_abs[ch]
+
+
+def _resolve_illum(
+    df: pd.DataFrame, base: str, channels: Sequence[str], problems: _Problems, csv_path: Path, check_files: bool
+) -> None:
+    """Absolute ``FileName_Illum{Ch}`` paths (JUMP's load_data_with_illum.csv), so every reader divides by them.
+
+    All or none of the requested channels must have an illumination column: correcting some channels and not others
+    would silently change their relative intensities. Paths resolve like image paths (``PathName_Illum{Ch}`` first).
+    """
+    columns = [illum_filename_column(ch) for ch in channels]
+    given = [c for c in columns if c in df.columns]
+    if not given:
+        return
+    absent = [c for c in columns if c not in df.columns]
+    if absent:
+        problems.add("missing column", f"{', '.join(repr(c) for c in absent)} in {csv_path} (it has "
+                                       f"{', '.join(repr(c) for c in given)}; correct every channel or none)")
+        return
+    n = len(df)
+    unsupported: set[str] = set()
+    for ch, col in zip(channels, columns):
+        filled = _present_mask(df[col])
+        for i in np.flatnonzero(~filled):
+            problems.add("empty illumination file name", f"{_line(int(i))} ({col})")
+        resolved = np.full(n, None, dtype=object)
+        if filled.any():
+            folder_col = illum_pathname_column(ch)
+            folders = df.loc[filled, folder_col] if folder_col in df.columns else None
+            resolved[filled] = _resolve_column(base, df.loc[filled, col], folders)
+            bad = ~pd.Series(resolved[filled]).str.lower().str.endswith(ILLUM_SUFFIXES).to_numpy()
+            for i in np.flatnonzero(filled)[bad]:
+                problems.add("unsupported illumination file extension", f"{_line(int(i))} ({resolved[i]}; use .npy)")
+                unsupported.add(resolved[i])
+        df[col] = resolved
+    if not check_files:
+        return
+    cells = [df[col].tolist() for col in columns]
+    missing = find_missing_files({p for col in cells for p in col if isinstance(p, str) and p} - unsupported)
+    if not missing:
+        return
+    for i in range(n):
+        lost = [col[i] for col in cells if col[i] in missing]
+        if lost:
+            more = f" and {len(lost) - 1} more of this site" if len(lost) > 1 else ""
+            problems.add("missing illumination file", f"{_line(i)} ({lost[0]}{more})")
+
+
+def _resolve_locations(df: pd.DataFrame, base: str) -> None:
+    """Make ``FileName_NucleiLocations`` absolute like an image path (its ``PathName_`` folder first, then ``base``).
+
+    Empty cells stay None (that site's nuclei come from segmentation); the files are checked when read
+    (``data.locations``), because only single-cell crops read them.
+    """
+    if LOCATIONS_COLUMN not in df.columns:
+        return
+    present = _present_mask(df[LOCATIONS_COLUMN])
+    resolved = np.full(len(df), None, dtype=object)
+    if present.any():
+        folders = df.loc[present, LOCATIONS_FOLDER_COLUMN] if LOCATIONS_FOLDER_COLUMN in df.columns else None
+        resolved[present] = _resolve_column(base, df.loc[present, LOCATIONS_COLUMN], folders)
+    df[LOCATIONS_COLUMN] = resolved
 
 
 def _listing(directory: str, cache: dict[str, set[str] | None]) -> set[str] | None:
@@ -384,8 +459,16 @@ def load_site_table(
     channels: Sequence[str] = DEFAULT_CHANNELS,
     required: Sequence[str] = (),
     check_files: bool = True,
+    platemap: str | os.PathLike[str] | None = None,
+    column_map: Sequence[tuple[str, str]] = (),
 ) -> pd.DataFrame:
-    """Load a site CSV in either convention into the internal schema, reporting every problem in one DataError."""
+    """Load a site CSV in either convention into the internal schema, reporting every problem in one DataError.
+
+    ``column_map`` (``--map SRC=DST`` pairs) copies columns onto other names first, in the site CSV and in the plate
+    map; then JUMP / Cell Painting Gallery names are mapped (``data.metadata.ALIASES``); then ``platemap`` (a CSV or
+    TSV of per-well metadata, ``--platemap``) is joined on plate and well, or on well alone when it has no plate
+    column. An empty perturbation in a negcon well becomes DMSO.
+    """
     csv_path = Path(csv_path)
     channels = tuple(channels)
     if len(set(channels)) != len(channels) or not channels:
@@ -394,7 +477,14 @@ def load_site_table(
     if len(df) == 0:
         raise DataError(f"{csv_path}: empty table (a header but no site rows)")
     df = df.reset_index(drop=True)
-    _map_metadata(df)
+    if platemap is None:
+        df = map_metadata(apply_column_map(df, column_map, str(csv_path)))
+    else:
+        plate_map = read_platemap(platemap, column_map)
+        check_sources(column_map, {str(csv_path): df, str(platemap): plate_map})
+        df = map_metadata(apply_column_map(df, column_map, str(csv_path), strict=False))
+        df = map_metadata(join_platemap(df, plate_map, f"{csv_path} + {platemap}"))
+    df = fill_negcon_perturbation(df)
     if image_root is not None and not Path(image_root).is_dir():
         raise DataError(f"image root {image_root} is not a folder")
     base = os.path.abspath(image_root if image_root is not None else csv_path.parent)
@@ -413,6 +503,8 @@ def load_site_table(
                 problems.add(f"empty '{name}'", _line(int(i)))
     _parse_otsu(df, problems)
     _resolve_paths(df, base, channels, problems, csv_path)
+    _resolve_locations(df, base)
+    _resolve_illum(df, base, channels, problems, csv_path, check_files)
     if LAYOUT_COLUMN in df.columns:
         row_paths = _row_paths(df, channels)
         _check_duplicates(df, row_paths, problems)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from data.intensity import UINT16_MAX, IntensityNorm
 from data.io import read_site
 from data.schema import DEFAULT_CHANNELS, load_site_table
-from utils.cli import FlagParser, run_cli
+from utils.cli import FlagParser, add_metadata_flags, run_cli
 from utils.errors import ConfigError, DataError
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (0.1, 1.0, 50.0, 99.0, 99.9)
@@ -134,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", nargs="+", default=list(DEFAULT_CHANNELS), help="channel names in order")
     p.add_argument("--image_root", default=None,
                    help="folder that relative image paths resolve against")
+    add_metadata_flags(p)
     p.add_argument("--name", default=None, help="name stored in the JSON (default: the CSV's file stem)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="reader threads")
     return p
@@ -144,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    table = load_site_table(args.dataset_csv, image_root=args.image_root, channels=args.channels)
+    table = load_site_table(args.dataset_csv, image_root=args.image_root, channels=args.channels,
+                            platemap=args.platemap, column_map=args.column_map)
     name = args.name or Path(args.dataset_csv).stem
     norm, used = dataset_intensity_norm(
         table, args.channels, n_sites=args.sites or None, seed=args.seed, workers=args.workers, name=name

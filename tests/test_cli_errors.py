@@ -114,7 +114,7 @@ INFERENCE_CASES = {
     "image_zero_bytes": ("zero", [], "zero.tiff"),
     "image_truncated": ("trunc", [], "trunc.tiff"),
     "image_4_channels": ("ch4", [], "4 channels, expected 5"),
-    "image_float32": ("f32", [], "dtype float32"),
+    "image_float32": ("f32", [], "float32 values must lie in [0, 1]"),
     "stride_0": ("good", ["--stride", "0"], "--stride"),
     "tile_larger_than_image": ("good", ["--size", "128"], "smaller than the tile size 128"),
     "size_not_patch_multiple": ("good", ["--size", "36"], "--size 36 is not a multiple"),
@@ -194,7 +194,7 @@ def test_stats_bad_input(env, tmp_path, capsys):
     code = _run(stats.main, [str(env["good"]), "-o", str(tmp_path / "norm.json"), "--workers", "0"])
     _assert_one_line_error(code, capsys.readouterr().err, "--workers must be >= 1")
     code = _run(stats.main, [str(env["root"] / "f32.csv"), "-o", str(tmp_path / "norm.json"), "--workers", "1"])
-    _assert_one_line_error(code, capsys.readouterr().err, "f32.tiff: dtype float32")
+    _assert_one_line_error(code, capsys.readouterr().err, "f32.tiff: float32 values must lie in [0, 1]")
     code = _run(stats.main, [str(env["good"]), "-o", str(env["afile"] / "norm.json"), "--workers", "1"])
     _assert_one_line_error(code, capsys.readouterr().err, "cannot create output folder")
     _assert_no_result(tmp_path)

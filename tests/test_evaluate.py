@@ -135,7 +135,7 @@ def test_missing_required_column_is_named(tmp_path: Path) -> None:
     path = _write(tmp_path, _frame().drop(columns=["batch"]))
     with pytest.raises(DataError, match=r"well_features.csv: missing required column\(s\) batch"):
         load_representation("rep", path, _cfg(tmp_path))
-    with pytest.raises(DataError, match="gene_group, control_type"):
+    with pytest.raises(DataError, match=r"column\(s\) control_type \("):  # the label (gene_group) is optional
         load_representation("rep", _write(tmp_path, _frame()), _cfg(tmp_path, orf=True))
 
 
@@ -262,3 +262,25 @@ def test_hyphen_and_underscore_spellings_parse_the_same(capsys: pytest.CaptureFi
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--null-size NULL_SIZE" in help_text and "also accept underscores (--null_size)" in help_text
     assert "[paper]" in help_text and "the paper's evaluate.py has -i/--input" in help_text
+
+
+def test_without_target_the_target_metrics_are_skipped_and_the_rest_unchanged(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    d = _write_release(tmp_path)
+    _run(["-b", str(tmp_path / "embeddings"), "-i", "singlesource", "-o", str(tmp_path / "with")])
+    for rep in ("DINO", "MAE-ViT-S", "CellProfiler"):
+        path = d / rep / "well_features.csv"
+        pd.read_csv(path).drop(columns=["target"]).to_csv(path, index=False)
+    capsys.readouterr()
+    _run(["-b", str(tmp_path / "embeddings"), "-i", "singlesource", "-o", str(tmp_path / "without")])
+    err = capsys.readouterr().err
+    assert err.count("no target column (or all empty): target metrics skipped") == 3
+    with_t = pd.read_csv(tmp_path / "with" / "well_metrics.csv").set_index("label")
+    without = pd.read_csv(tmp_path / "without" / "well_metrics.csv").set_index("label")
+    assert list(with_t.columns) == list(without.columns)
+    skipped = ["target_acc_NSP", "target_acc_NSBP", "target_mAP", "target_nmAP", "silhouette_target"]
+    assert without[skipped].isna().all(axis=None) and with_t[skipped].notna().all(axis=None)
+    kept = ["pert_acc", "pert_acc_NSB", "replicate_mAP", "batch_bal_acc", "silhouette_batch", "repl_corr"]
+    pd.testing.assert_frame_equal(with_t[kept], without[kept])
+    assert set(pd.read_csv(tmp_path / "without" / "map_results.csv")["task"]) == {"replicate"}
+    assert "no target labels: target metrics skipped" in without.loc["DINO", "notes"]

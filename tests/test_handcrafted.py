@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 
 from data.schema import DEFAULT_CHANNELS
+from data.segmentation import Segmentation, SegmentationParams, segment
 from utils.cli import run_cli
 from utils.errors import ConfigError, DataError
 from utils.handcrafted.cli import build_parser, main
 from utils.handcrafted.config import HandcraftedConfig
 from utils.handcrafted.measure import COUNT_COLUMN, FEATURE_GROUPS, MeasureOptions, measure, measure_site, site_profile
 from utils.handcrafted.profiles import aggregate, drop_incomplete, limit_sites, normalize
-from utils.handcrafted.segment import Segmentation, SegmentationParams, segment
 from utils.profiles.features import feature_columns
 from utils.profiles.normalize import NO_NORMALISATION
 
@@ -233,7 +233,7 @@ def test_cli_end_to_end_on_synthetic_plate(plate: Path, tmp_path: Path) -> None:
     assert np.allclose(ctrl["Nuclei_AreaShape_Area"].median(), 0.0, atol=1e-9)  # mad_robustize on 2 controls
     run = json.loads((out / "run.json").read_text())
     assert run["n_sites"] == 8 and run["n_wells"] == 8 and run["n_objects"] > 0
-    assert run["args"] == dataclasses.asdict(HandcraftedConfig(**vars(build_parser().parse_args(args))))
+    assert run["args"] == json.loads(json.dumps(dataclasses.asdict(HandcraftedConfig(**vars(build_parser().parse_args(args))))))
     site_rows = pd.read_csv(out / "site_features.csv")
     assert (site_rows[COUNT_COLUMN] >= 1).all()
 
@@ -346,9 +346,11 @@ def test_hyphen_spellings_parse_to_the_same_config() -> None:
                 "discard_border": "false", "cyto_channels": "AGP,RNA", "site_operation": "mean",
                 "well_operation": "median", "max_sites_per_well": 2, "norm_method": "standardize",
                 "controls": "DMSO", "control_query": "plate == 'p'", "feature_select": "blocklist",
-                "corr_threshold": 0.8}
+                "corr_threshold": 0.8, "platemap": "map.csv"}
     fields = {f.name for f in dataclasses.fields(HandcraftedConfig)}
-    assert set(settings) == fields - {"valset", "output_dir"}  # every optional flag is exercised
+    assert set(settings) == fields - {"valset", "output_dir", "column_map"}  # every optional flag is exercised
+    mapped = build_parser().parse_args(["--valset", "v.csv", "-o", "o", "--map", "A=b", "--map", "C=d"])
+    assert HandcraftedConfig(**vars(mapped)).column_map == (("A", "b"), ("C", "d"))
     underscore = build_parser().parse_args(_argv(settings))
     hyphen = build_parser().parse_args(
         ["--valset", "missing.csv", "--output-dir", "out",

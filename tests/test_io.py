@@ -5,25 +5,36 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from PIL import Image
 
 from data.io import (
     StackedChannels,
+    open_plain_merged,
     open_site_array,
     read_channel_tiffs,
     read_merged_tiff,
     read_npy,
     read_site,
+    site_shape,
     write_channel_tiffs,
     write_merged_tiff,
     write_npy,
 )
 from data.schema import DEFAULT_CHANNELS, load_site_table
+from data.stats import compute_intensity_norm, dataset_intensity_norm
 from utils.errors import DataError
+
+LINCS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lincs_a549_images"
+LINCS_CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
+# PNG crops always read whole files; the tests that care about that warning assert it with pytest.warns
+pytestmark = pytest.mark.filterwarnings("ignore:.*PNG \\(always compressed\\) not memory-mappable")
 
 
 @pytest.fixture
@@ -218,7 +229,7 @@ def test_wrong_channel_count(tmp_path, pixels):
         read_channel_tiffs([tmp_path / "multi.tif"])
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int16, np.uint32])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint32, np.float64, np.int8])
 def test_wrong_dtype(tmp_path, pixels, dtype):
     bad = pixels.astype(dtype)
     tifffile.imwrite(tmp_path / "bad.tif", bad, metadata=None, photometric="minisblack")
@@ -229,7 +240,8 @@ def test_wrong_dtype(tmp_path, pixels, dtype):
             per_channel_row(channel_paths(tmp_path)[:4] + [str(tmp_path / "bad_DNA.tif")])]
     for row in rows:
         for fn in (read_site, open_site_array):
-            with pytest.raises(DataError, match=f"dtype {np.dtype(dtype)}, expected uint16") as err:
+            with pytest.raises(DataError, match=f"dtype {np.dtype(dtype)} is not supported; expected uint8, uint16 "
+                                                f"or float32") as err:
                 fn(row)
             assert "bad" in str(err.value)
 
@@ -252,3 +264,247 @@ def test_writers_refuse_non_uint16_and_bad_shapes(tmp_path, pixels):
     with pytest.raises(DataError, match="3 channel names for 5"):
         write_merged_tiff(tmp_path / "a.tif", pixels, otsu=None, channels=("a", "b", "c"))
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------- formats and bit depths
+
+
+def ref_uint8(x: np.ndarray) -> np.ndarray:
+    """Reference conversion of 8-bit data to raw units, computed independently of the reader: x/255 on 65535."""
+    return np.rint(x.astype(np.float64) / 255.0 * 65535.0).astype(np.uint16)
+
+
+def ref_float(x: np.ndarray) -> np.ndarray:
+    return np.rint(x.astype(np.float64) * 65535.0).astype(np.uint16)
+
+
+@pytest.fixture
+def sources() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    u8 = rng.integers(0, 256, size=(5, 24, 20), dtype=np.uint8)
+    u8[0, 0, 0], u8[0, 0, 1] = 0, 255
+    u16 = rng.integers(0, 65536, size=(5, 24, 20), dtype=np.uint16)
+    f32 = rng.random((5, 24, 20), dtype=np.float32)
+    f32[0, 0, 0], f32[0, 0, 1] = 0.0, 1.0
+    return {"uint8": u8, "uint16": u16, "float32": f32}
+
+
+def _expected(sources: dict[str, np.ndarray], dtype: str) -> np.ndarray:
+    x = sources[dtype]
+    return ref_uint8(x) if dtype == "uint8" else x if dtype == "uint16" else ref_float(x)
+
+
+def _write_format(folder: Path, fmt: str, arr: np.ndarray) -> dict:
+    """A hand-made row for one (container, layout) with the pixels of ``arr`` in the file's own dtype."""
+    if fmt == "tiff-merged":
+        tifffile.imwrite(folder / "m.tif", arr, metadata=None, photometric="minisblack")
+        return {"FileName_Merged": str(folder / "m.tif")}
+    if fmt == "npy":
+        np.save(folder / "m.npy", arr)
+        return {"FileName_Merged": str(folder / "m.npy")}
+    paths = []
+    for ch, plane in zip(DEFAULT_CHANNELS, arr):
+        if fmt == "png":
+            paths.append(str(folder / f"s_{ch}.png"))
+            Image.fromarray(plane).save(paths[-1])
+        else:
+            paths.append(str(folder / f"s_{ch}.tif"))
+            tifffile.imwrite(paths[-1], plane, metadata=None, photometric="minisblack")
+    return per_channel_row(paths)
+
+
+FORMATS = [("png", "uint8"), ("png", "uint16"), ("tiff-merged", "uint8"), ("tiff-merged", "uint16"),
+           ("tiff-merged", "float32"), ("tiff-channels", "uint8"), ("tiff-channels", "uint16"),
+           ("tiff-channels", "float32"), ("npy", "uint8"), ("npy", "uint16"), ("npy", "float32")]
+
+
+@pytest.mark.filterwarnings("ignore:.*not memory-mappable")
+@pytest.mark.parametrize("fmt,dtype", FORMATS)
+def test_every_format_reads_to_the_same_raw_units(tmp_path, sources, fmt, dtype):
+    row = _write_format(tmp_path, fmt, sources[dtype])
+    expected = _expected(sources, dtype)
+    arr, _ = read_site(row)
+    assert arr.dtype == np.uint16 and arr.shape == (5, 24, 20)
+    assert np.array_equal(arr, expected)
+    lazy = open_site_array(row)
+    assert lazy.dtype == np.uint16 and tuple(lazy.shape) == (5, 24, 20)
+    assert np.array_equal(np.asarray(lazy), expected)
+    assert np.array_equal(lazy[:, 3:9, 2:7], expected[:, 3:9, 2:7])
+    assert site_shape(row) == (5, 24, 20)
+
+
+def test_uint8_maps_onto_the_unit_scale_exactly(sources):
+    """x/255 == 257x/65535 for every 8-bit level, so an 8-bit PNG and its 16-bit TIFF give one [0,1] image."""
+    levels = np.arange(256, dtype=np.uint8)
+    assert np.array_equal(ref_uint8(levels), levels.astype(np.uint16) * 257)
+    assert np.allclose(ref_uint8(levels) / 65535.0, levels / 255.0, atol=0, rtol=1e-15)
+
+
+def test_non_uint16_and_png_warn_that_crops_read_the_whole_file(tmp_path, sources):
+    for fmt, dtype in (("png", "uint8"), ("tiff-channels", "float32"), ("npy", "uint8")):
+        folder = tmp_path / f"{fmt}_{dtype}"
+        folder.mkdir()
+        row = _write_format(folder, fmt, sources[dtype])
+        with pytest.warns(RuntimeWarning, match="not memory-mappable") as record:
+            open_site_array(row)
+        assert str(folder) in str(record[0].message)
+        if fmt == "png":
+            assert "PNG" in str(record[0].message)
+
+
+def test_uncompressed_uint16_keeps_the_memory_mapped_fast_paths(tmp_path, pixels):
+    write_merged_tiff(tmp_path / "a.tif", pixels, otsu=None)
+    assert isinstance(open_site_array({"FileName_Merged": str(tmp_path / "a.tif")}), np.memmap)
+    fast = open_plain_merged({"FileName_Merged": str(tmp_path / "a.tif")}, DEFAULT_CHANNELS)
+    assert fast is not None and isinstance(fast[0], np.memmap)
+    tifffile.imwrite(tmp_path / "u8.tif", (pixels >> 8).astype(np.uint8), metadata=None, photometric="minisblack")
+    assert open_plain_merged({"FileName_Merged": str(tmp_path / "u8.tif")}, DEFAULT_CHANNELS) is None
+
+
+@pytest.mark.filterwarnings("ignore:.*not memory-mappable")
+@pytest.mark.parametrize("bad,found", [(-0.5, "found [-0.5, "), (2.0, ", 2]"), (np.nan, "] and NaN"),
+                                       (np.inf, ", inf]")])
+def test_float_outside_unit_range_names_file_and_range(tmp_path, sources, bad, found):
+    arr = sources["float32"].copy()
+    arr[2, 5, 5] = bad
+    for fmt in ("tiff-merged", "tiff-channels", "npy"):
+        folder = tmp_path / fmt
+        folder.mkdir()
+        row = _write_format(folder, fmt, arr)
+        for fn in (read_site, open_site_array):
+            with pytest.raises(DataError, match="float32 values must lie in \\[0, 1\\]") as err:
+                fn(row)
+            msg = str(err.value)
+            assert str(folder) in msg and found in msg and "\n" not in msg
+
+
+def test_channels_last_arrays_are_named_as_such(tmp_path, pixels):
+    hwc = np.ascontiguousarray(np.moveaxis(pixels, 0, -1))  # (24, 20, 5)
+    np.save(tmp_path / "hwc.npy", hwc)
+    tifffile.imwrite(tmp_path / "hwc.tif", hwc, metadata=None, photometric="minisblack")
+    for name in ("hwc.npy", "hwc.tif"):
+        for fn in (read_site, open_site_array):
+            with pytest.raises(DataError, match="looks channels-last \\(H,W,C\\); expected channels first "
+                                                "\\(C,H,W\\) with C=5") as err:
+                fn({"FileName_Merged": str(tmp_path / name)})
+            assert name in str(err.value) and "(24, 20, 5)" in str(err.value)
+
+
+@pytest.mark.parametrize("mode,expect", [("RGB", "RGB (3 channels) PNG"), ("RGBA", "RGBA (4 channels) PNG"),
+                                         ("LA", "LA (2 channels) PNG"), ("P", "palette (colour-mapped) PNG"),
+                                         ("1", "1-bit PNG")])
+def test_non_grayscale_png_for_one_channel_is_refused(tmp_path, pixels, mode, expect):
+    paths = [str(tmp_path / f"s_{ch}.png") for ch in DEFAULT_CHANNELS]
+    for p, plane in zip(paths, pixels):
+        Image.fromarray((plane >> 8).astype(np.uint8)).save(p)
+    Image.fromarray((pixels[2] >> 8).astype(np.uint8)).convert(mode).save(paths[2])
+    for fn in (read_site, open_site_array, site_shape):
+        with pytest.raises(DataError, match="expected one grayscale channel per file") as err:
+            fn(per_channel_row(paths))
+        assert os.path.basename(paths[2]) in str(err.value) and expect in str(err.value)
+
+
+def test_broken_pngs_name_the_file(tmp_path, pixels):
+    good = tmp_path / "good.png"
+    Image.fromarray(pixels[0]).save(good)
+    data = good.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.png").write_bytes(b"not a png" * 20)
+    tifffile.imwrite(tmp_path / "tiff.png", pixels[0], metadata=None, photometric="minisblack")
+    for name, pattern in (("cut.png", "corrupt or truncated PNG"), ("junk.png", "corrupt or unreadable PNG"),
+                          ("tiff.png", "not a PNG file"), ("gone.png", "not found")):
+        paths = [str(good)] * 4 + [str(tmp_path / name)]
+        for fn in (read_site, open_site_array):
+            with pytest.raises(DataError, match=pattern) as err:
+                fn(per_channel_row(paths))
+            assert name in str(err.value)
+
+
+def test_png_shapes_must_match_and_merged_png_is_refused(tmp_path, pixels):
+    paths = [str(tmp_path / f"s_{ch}.png") for ch in DEFAULT_CHANNELS]
+    for p, plane in zip(paths, pixels):
+        Image.fromarray(plane).save(p)
+    Image.fromarray(pixels[3, :20]).save(paths[3])
+    for fn in (read_site, open_site_array, site_shape):
+        with pytest.raises(DataError, match="differs from") as err:
+            fn(per_channel_row(paths))
+        assert os.path.basename(paths[3]) in str(err.value)
+    for fn in (read_site, open_site_array):
+        with pytest.raises(DataError, match="a PNG holds one channel, not a merged site"):
+            fn({"FileName_Merged": paths[0]})
+
+
+def test_site_tables_accept_png_per_channel_and_refuse_merged_png(tmp_path, pixels):
+    row = {"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": 1}
+    for ch, plane in zip(DEFAULT_CHANNELS, pixels):
+        Image.fromarray(plane).save(tmp_path / f"A01_{ch}.png")
+        row[f"FileName_Orig{ch}"] = f"A01_{ch}.png"
+    pd.DataFrame([row]).to_csv(tmp_path / "load_data.csv", index=False)
+    table = load_site_table(tmp_path / "load_data.csv")
+    assert table.loc[0, "layout"] == "per-channel"
+    assert np.array_equal(read_site(table.loc[0])[0], pixels)
+    bad = dict(row, FileName_OrigDNA="A01_DNA.jpg")
+    pd.DataFrame([bad, {"FileName_Merged": "m.png", "Metadata_Plate": "P", "Metadata_Well": "A02"}]).to_csv(
+        tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError) as err:
+        load_site_table(tmp_path / "bad.csv", check_files=False)
+    msg = str(err.value)
+    assert "A01_DNA.jpg; use .tif/.tiff or .png" in msg
+    assert "m.png; a PNG holds one channel" in msg
+
+
+# ------------------------------------------------------------------------------------ the real LINCS A549 images
+
+
+@pytest.fixture(scope="module")
+def lincs_table() -> pd.DataFrame:
+    if not (LINCS / "load_data.csv").exists():
+        # CI always has shared/ beside the clone, so there a missing set is a failure, not a skip
+        if os.environ.get("CI"):
+            pytest.fail(f"LINCS A549 images not present at {LINCS}")
+        pytest.skip(f"LINCS A549 images not present at {LINCS}")
+    return load_site_table(LINCS / "load_data.csv", channels=LINCS_CHANNELS)
+
+
+def _as_tiff_row(row: pd.Series, folder: Path) -> dict:
+    """The same site as 16-bit TIFFs, converted here by the bit-depth rule (x 257), for reference."""
+    out = dict(row)
+    for ch in LINCS_CHANNELS:
+        plane = np.asarray(Image.open(row[f"FileName_Orig{ch}"]))
+        assert plane.dtype == np.uint8
+        path = folder / (Path(row[f"FileName_Orig{ch}"]).stem + ".tif")
+        tifffile.imwrite(path, plane.astype(np.uint16) * 257, metadata=None, photometric="minisblack")
+        out[f"FileName_Orig{ch}"] = str(path)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:.*not memory-mappable")
+def test_lincs_pngs_read_like_their_16_bit_tiffs(lincs_table, tmp_path):
+    assert len(lincs_table) == 32 and set(lincs_table["layout"]) == {"per-channel"}
+    assert set(lincs_table["plate"]) == {"SQ00015198", "SQ00015230"}
+    for i in (0, 17):
+        row = lincs_table.iloc[i]
+        ref_row = _as_tiff_row(row, tmp_path)
+        start = time.perf_counter()
+        png, otsu = read_site(row, LINCS_CHANNELS)
+        png_s = time.perf_counter() - start
+        tif, _ = read_site(ref_row, LINCS_CHANNELS)
+        assert png.shape == (5, 1080, 1080) and png.dtype == np.uint16 and math.isnan(otsu)
+        assert np.array_equal(png, tif)
+        assert site_shape(row.to_dict(), LINCS_CHANNELS) == (5, 1080, 1080)
+        lazy, ref_lazy = open_site_array(row, LINCS_CHANNELS), open_site_array(ref_row, LINCS_CHANNELS)
+        assert np.array_equal(lazy[:, 100:324, 500:724], ref_lazy[:, 100:324, 500:724])
+        assert np.array_equal(lazy[4], tif[4])
+        assert png_s < 5.0  # about 0.1 s on one core; a regression to per-pixel Python would be far slower
+
+
+def test_lincs_stats_on_two_sites(lincs_table):
+    norm, used = dataset_intensity_norm(lincs_table.iloc[[0, 17]], LINCS_CHANNELS, n_sites=None, workers=1,
+                                        progress=False, name="lincs")
+    assert used == 2 and norm.channels == LINCS_CHANNELS
+    assert all(0.0 < m < 1.0 for m in norm.mean) and all(s > 0 for s in norm.std)
+    reference = compute_intensity_norm(
+        (ref_uint8(np.stack([np.asarray(Image.open(lincs_table.iloc[i][f"FileName_Orig{ch}"]))
+                             for ch in LINCS_CHANNELS])) for i in (0, 17)), LINCS_CHANNELS, name="lincs")
+    assert np.allclose(norm.mean, reference.mean, rtol=0, atol=1e-12)
+    assert np.allclose(norm.std, reference.std, rtol=0, atol=1e-12)

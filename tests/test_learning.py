@@ -346,12 +346,12 @@ def test_best_probe_rule() -> None:
 
 
 def test_bad_probe_csv_fails_before_the_run_writes_anything(plates: dict[str, Path], tmp_path: Path) -> None:
-    notarget = tmp_path / "notarget.csv"
-    frame = pd.read_csv(plates["probe"]).drop(columns=["target"])
+    notarget = tmp_path / "nopert.csv"  # target is optional (replicate mAP then picks the best probe)
+    frame = pd.read_csv(plates["probe"]).drop(columns=["perturbation_id"])
     frame["FileName_Merged"] = [str(plates["root"] / p) for p in frame["FileName_Merged"]]  # absolute: CSV moved
     frame.to_csv(notarget, index=False)
     run = _dino(plates, tmp_path / "out", "--epochs", "1", "--probe_csv", str(notarget))
-    assert run.returncode == 2 and "missing column (1): 'target'" in run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and "empty 'perturbation_id'" in run.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
     bad = _dino(plates, tmp_path / "out2", "--epochs", "1", "--intensity", "nonsense")
     assert bad.returncode == 2 and "nor 'dataset'" in bad.stderr.strip().splitlines()[-1]

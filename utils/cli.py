@@ -33,6 +33,24 @@ def bool_flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean value {value!r}: use true/false, on/off or 1/0")
 
 
+def column_pair(value: str) -> tuple[str, str]:
+    """Parse ``SRC=DST`` for ``--map``, the one spelling every CLI that renames columns accepts."""
+    src, sep, dst = value.partition("=")
+    if not sep or not src.strip() or not dst.strip():
+        raise argparse.ArgumentTypeError(f"invalid --map {value!r}: use SOURCE=DEST, e.g. Metadata_Well=well")
+    return src.strip(), dst.strip()
+
+
+def add_metadata_flags(group: Any) -> None:
+    """``--platemap`` and ``--map`` for a CLI that reads a site CSV; ``data.schema.load_site_table`` consumes both."""
+    group.add_argument("--platemap", default=None, metavar="FILE",
+                       help="per-well metadata (CSV, or TSV as .tsv/.txt) joined to the sites on plate and well, or on "
+                            "well alone when it has no plate column (Metadata_* names are recognised)")
+    group.add_argument("--map", dest="column_map", type=column_pair, action="append", default=[], metavar="SRC=DST",
+                       help="copy column SRC of the site CSV and plate map onto DST, e.g. "
+                            "--map Metadata_Compound=perturbation_id (repeatable)")
+
+
 SPELLING_NOTE = ("Every long flag takes both spellings, --a_b and --a-b; the help lists the one the paper uses "
                  "(for flags the paper did not have, the one this tool uses).")
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
 
+from data.metadata import column_pairs
 from utils.errors import ConfigError
 from utils.evaluation.metrics.batch import BATCH_CLASSIFIERS
 
@@ -35,12 +36,8 @@ def _names(value: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def _column_map(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
-    """SOURCE -> DEST from a mapping or from --map pairs; a source named twice is ambiguous, so it is an error."""
-    pairs = list(value.items()) if isinstance(value, Mapping) else [tuple(p) for p in value]
-    mapping = dict(pairs)
-    if len(mapping) != len(pairs):
-        raise ConfigError("--map names the same source column twice")
-    return mapping
+    """SOURCE -> DEST from a mapping or from --map pairs, checked by the site tables' rule (``data.metadata``)."""
+    return dict(column_pairs(value))
 
 
 def _positive_int(value: object, flag: str) -> None:

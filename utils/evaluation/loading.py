@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data.metadata import apply_column_map as apply_explicit_map
 from utils.errors import DataError
 from utils.evaluation.config import METADATA_PRESETS, EvalConfig
 from utils.profiles.features import detect_features
@@ -56,13 +57,7 @@ def apply_column_map(df: pd.DataFrame, mapping: Mapping[str, str], preset: str, 
     ``preset`` is a key of METADATA_PRESETS (EvalConfig checks it). Columns are copied, not renamed, so the
     original names stay available to --replicate-diffby.
     """
-    df = df.copy()
-    for src, dst in mapping.items():
-        if src not in df.columns:
-            raise DataError(f"{source}: --map source column {src!r} not found")
-        if dst in df.columns and src != dst:
-            raise DataError(f"{source}: --map {src}={dst} would overwrite the existing column {dst!r}")
-        df[dst] = df[src]
+    df = apply_explicit_map(df, tuple(mapping.items()), source).copy()
     for src, dst in METADATA_PRESETS[preset].items():
         if src in df.columns and dst not in df.columns:
             df[dst] = df[src]
@@ -70,8 +65,9 @@ def apply_column_map(df: pd.DataFrame, mapping: Mapping[str, str], preset: str, 
 
 
 def required_columns(cfg: EvalConfig) -> list[str]:
-    """perturbation_id, batch, well and the label column (plus control_type for ORF sets)."""
-    cols = ["perturbation_id", "batch", "well", cfg.label]
+    """perturbation_id, batch and well (plus control_type for ORF sets); the label column is optional, since most
+    real plates annotate no target: without it the label-level metrics are skipped, with a note."""
+    cols = ["perturbation_id", "batch", "well"]
     return cols + ["control_type"] if cfg.orf else cols
 
 
@@ -116,4 +112,6 @@ def representation_from_frame(name: str, df: pd.DataFrame, cfg: EvalConfig, path
             first = int(np.argmax(df[col].isna().to_numpy())) + 2
             raise DataError(f"{path}: column {col} has missing values (first at CSV row {first})")
     meta = df.drop(columns=features).reset_index(drop=True)
+    if cfg.label not in meta.columns:
+        meta[cfg.label] = pd.Series(pd.NA, index=meta.index, dtype="string")
     return Representation(name=name, path=path, meta=meta, x=x, features=features, kind=kind)

@@ -159,15 +159,22 @@ def evaluate_representation(rep: Representation, cfg: EvalConfig) -> RepResult:
     if singles:
         notes.append(f"{singles} perturbation(s) with a single well have no replicate and count as undefined")
     batch = codes(wm["batch"].astype(str))
-    target = codes(wm[cfg.label].astype("string"))
-    nsp = pert if cfg.nsp_mode == "perturbation" else codes(wm["well"].astype(str))
     lab = cfg.label
+    labelled = has_labels(wm, lab)
+    if not labelled:
+        notes.append(f"no {lab} labels: {lab} metrics skipped")
+        print(f"[{rep.name}] no {lab} column (or all empty): {lab} metrics skipped", file=sys.stderr)
+    target = codes(wm[lab].astype("string"))
+    nsp = pert if cfg.nsp_mode == "perturbation" else codes(wm["well"].astype(str))
     tasks = [
         NNTask("pert_acc", pert),
         NNTask("pert_acc_NSB", pert, exclude_all_of=((batch, pert),)),
-        NNTask(f"{lab}_acc_NSP", target, exclude_same=(nsp,)),
-        NNTask(f"{lab}_acc_NSBP", target, exclude_same=(nsp,), exclude_all_of=((batch, target),)),
     ]
+    if labelled:
+        tasks += [
+            NNTask(f"{lab}_acc_NSP", target, exclude_same=(nsp,)),
+            NNTask(f"{lab}_acc_NSBP", target, exclude_same=(nsp,), exclude_all_of=((batch, target),)),
+        ]
     xz = zscore(wx)
     unit = unit_rows(xz, "cosine", f"{rep.name} z-scored wells")
     stats = well_neighbour_stats(unit, tasks, {"batch": batch, "target": target}, device=cfg.device,
@@ -178,6 +185,8 @@ def evaluate_representation(rep: Representation, cfg: EvalConfig) -> RepResult:
         well[t.name] = nn_accuracy(hits)
         if not np.isfinite(hits).any():
             notes.append(f"{t.name}: no query has an eligible correct neighbour")
+    for name in (f"{lab}_acc_NSP", f"{lab}_acc_NSBP"):
+        well.setdefault(name, np.nan)
     pr = percent_replicating(xz, pert, cfg.replicate_null_size, cfg.seed)
     well["repl_corr"], well["percent_95"] = pr["repl_corr"], pr["percent_95"]
     if pr["reason"]:
@@ -187,7 +196,10 @@ def evaluate_representation(rep: Representation, cfg: EvalConfig) -> RepResult:
     pert_keys, pert_x = _mean_by(wx, wm[["batch", "perturbation_id"]])
     pk, pc = _level_curves(pert_x, codes(pert_keys["perturbation_id"]), rep.name, cfg, "perturbation level", notes)
     cons, cons_x = consensus_profiles(rep, cfg, notes)
-    tk, tc = _level_curves(cons_x, codes(cons[lab]), rep.name, cfg, f"{lab} level", notes)
+    if labelled:
+        tk, tc = _level_curves(cons_x, codes(cons[lab]), rep.name, cfg, f"{lab} level", notes)
+    else:
+        tk, tc = _empty_curves(rep.name)
 
     map_df = retrieval_maps(rep, cfg, is_ctrl, cons, cons_x, notes)
     well.update(map_columns(map_df, lab))
@@ -197,16 +209,22 @@ def evaluate_representation(rep: Representation, cfg: EvalConfig) -> RepResult:
     well["batch_bal_acc"], well["batch_mcc"] = bc["batch_bal_acc"], bc["batch_mcc"]
     if bc["reason"]:
         notes.append(str(bc["reason"]))
-    for key, codes_ in (("batch", batch), ("target", target)):
+    for key, codes_ in (("batch", batch), ("target", target))[: 2 if labelled else 1]:
         value, why = silhouette_summary(stats.silhouette[key], codes_)
         well[f"silhouette_{key}"] = value
         if why:
             notes.append(f"silhouette by {key}: {why}")
+    well.setdefault("silhouette_target", np.nan)
     well.update({
         "feature_set": rep.kind, "n_features": len(rep.features), "n_wells": len(wm),
         "n_perturbations": int(len(counts)), "nsp_mode": cfg.nsp_mode, "notes": "; ".join(notes),
     })
     return RepResult(well, pk, pc, tk, tc, map_df, (cons_x, cons[lab].to_numpy()))
+
+
+def has_labels(meta: pd.DataFrame, label: str) -> bool:
+    """Whether any well carries the label column: without one, label-level metrics are skipped, not zero."""
+    return label in meta.columns and bool(meta[label].notna().any())
 
 
 def consensus_profiles(rep: Representation, cfg: EvalConfig, notes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
@@ -217,7 +235,7 @@ def consensus_profiles(rep: Representation, cfg: EvalConfig, notes: list[str]) -
     cons_keys, cons_x = _mean_by(wx, wm[["perturbation_id"]])
     cons_target = wm.groupby("perturbation_id", sort=False)[lab].first().reindex(cons_keys["perturbation_id"])
     has_t = cons_target.notna().to_numpy()
-    if not has_t.all():
+    if has_t.any() and not has_t.all():
         notes.append(f"{int((~has_t).sum())} perturbation(s) without a {lab} left out of {lab}-level metrics")
     cons = pd.DataFrame({"perturbation_id": cons_keys["perturbation_id"][has_t].to_numpy(),
                          lab: cons_target[has_t].astype(str).to_numpy()})

@@ -123,10 +123,10 @@ def map_per_group(map_results: pd.DataFrame, stem: Path, title: str) -> list[Pat
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
     """First two principal components from the feature covariance (an F x F eigenproblem, cheap for many rows)."""
-    centred = x - x.mean(axis=0, keepdims=True)
     out = np.zeros((x.shape[0], 2))
     if x.shape[0] < 2:
         return out
+    centred = x - x.mean(axis=0, keepdims=True)
     vals, vecs = np.linalg.eigh(centred.T @ centred)
     k = min(2, vecs.shape[1])
     out[:, :k] = centred @ vecs[:, ::-1][:, :k]

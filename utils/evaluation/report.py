@@ -74,6 +74,11 @@ def gains_markdown(well: pd.DataFrame, cfg: EvalConfig) -> list[str]:
         for base in cfg.compare_to:
             d_t = float(row[f"{lab}_mAP"]) - float(by_label.loc[base, f"{lab}_mAP"])
             d_r = float(row["replicate_mAP"]) - float(by_label.loc[base, "replicate_mAP"])
+            if not np.isfinite(d_t) and np.isfinite(d_r) and not np.isfinite(float(row[f"{lab}_mAP"])):
+                verdict = (f"{'better' if d_r > 0 else 'worse' if d_r < 0 else 'no different'} on replicate "
+                           f"(no {lab} labels)")
+                lines.append(f"| {name} | {base} | n/a | {d_r:+.3f} | {verdict} |")
+                continue
             verdict = ("undefined (a mAP is NaN, see the notes)" if not (np.isfinite(d_t) and np.isfinite(d_r))
                        else "better on both" if d_t > 0 and d_r > 0 else "worse on both" if d_t < 0 and d_r < 0
                        else f"better on {lab} only" if d_t > 0 else "better on replicate only" if d_r > 0
@@ -131,14 +136,19 @@ def write_figures(results: dict[str, RepResult], well: pd.DataFrame, frames: dic
     lab = cfg.label
     fig = cfg.out_dir / "figures"
     written: list[Path] = []
+    labelled = any(len(r.consensus[1]) for r in results.values())  # no label column anywhere: no label figures
     written += plots.map_vs_accuracy(well, "pert_acc_NSB", "pert_mAP", fig / "pert_metrics_plot", "perturbation")
-    written += plots.map_vs_accuracy(well, f"{lab}_acc_NSBP", f"{lab}_level_mAP", fig / f"{lab}_metrics_plot", lab)
+    if labelled:
+        written += plots.map_vs_accuracy(well, f"{lab}_acc_NSBP", f"{lab}_level_mAP", fig / f"{lab}_metrics_plot",
+                                         lab)
     written += plots.pr_curves(frames["pert_prec_recall_k.csv"], frames["pert_prec_recall_cor.csv"],
                                fig / "pert_pr_curves", "perturbation")
-    written += plots.pr_curves(frames["target_prec_recall_k.csv"], frames["target_prec_recall_cor.csv"],
-                               fig / f"{lab}_pr_curves", lab)
-    for task in ("replicate", lab):
+    if labelled:
+        written += plots.pr_curves(frames["target_prec_recall_k.csv"], frames["target_prec_recall_cor.csv"],
+                                   fig / f"{lab}_pr_curves", lab)
+    for task in ("replicate", lab) if labelled else ("replicate",):
         part = map_df[map_df["task"] == task] if not map_df.empty else map_df
         written += plots.map_per_group(part, fig / f"map_{task}", f"{task} retrieval mAP")
-    written += plots.consensus_pca({n: r.consensus for n, r in results.items()}, fig / f"consensus_pca_{lab}")
+    if labelled:
+        written += plots.consensus_pca({n: r.consensus for n, r in results.items()}, fig / f"consensus_pca_{lab}")
     return written

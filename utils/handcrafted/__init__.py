@@ -12,12 +12,12 @@ From Python::
     summary = run(HandcraftedConfig(valset="plates/dataset.csv", output_dir="emb/CellProfiler", workers=4))
 """
 
+from data.segmentation import SegmentationParams, segment
 from utils.handcrafted.cli import build_parser, main
 from utils.handcrafted.config import HandcraftedConfig
 from utils.handcrafted.measure import FEATURE_GROUPS, MeasureOptions, measure_site
 from utils.handcrafted.pipeline import run
 from utils.handcrafted.profiles import NORM_METHODS, normalize
-from utils.handcrafted.segment import SegmentationParams, segment
 
 __all__ = ["FEATURE_GROUPS", "NORM_METHODS", "HandcraftedConfig", "MeasureOptions", "SegmentationParams",
            "build_parser", "main", "measure_site", "normalize", "run", "segment"]

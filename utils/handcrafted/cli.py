@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.cli import SPELLING_NOTE, FlagParser, bool_flag
+from utils.cli import SPELLING_NOTE, FlagParser, add_metadata_flags, bool_flag
 from utils.handcrafted.config import HandcraftedConfig, defaults
 from utils.handcrafted.measure import FEATURE_GROUPS
 from utils.handcrafted.pipeline import run
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "output_dir", "-o", required=True, metavar="DIR",
          help="writes well_features.csv, site_features.csv, run.json")
     _add(p, "image_root", metavar="DIR", help="folder relative image paths are resolved against")
+    add_metadata_flags(p)
     _add(p, "channels", metavar="LIST", help="channel names in file order")
     _add(p, "workers", type=int, metavar="N", help="parallel site processes (>= 1)")
     _add(p, "features", metavar="LIST", help=f"comma list of {', '.join(FEATURE_GROUPS)}")

@@ -12,7 +12,9 @@ import os
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
+from data.metadata import column_pairs
 from data.schema import DEFAULT_CHANNELS
+from data.segmentation import SegmentationParams, required_channels
 from utils.errors import ConfigError
 from utils.handcrafted.measure import FEATURE_GROUPS, MeasureOptions
 from utils.handcrafted.profiles import (
@@ -22,7 +24,6 @@ from utils.handcrafted.profiles import (
     check_norm_method,
     check_select_operations,
 )
-from utils.handcrafted.segment import SegmentationParams, required_channels
 from utils.profiles.controls import CONTROL_CHOICES
 from utils.profiles.normalize import NO_NORMALISATION
 
@@ -44,6 +45,8 @@ class HandcraftedConfig:
     valset: str
     output_dir: str
     image_root: str | None = None
+    platemap: str | None = None
+    column_map: tuple[tuple[str, str], ...] = ()
     channels: str = ",".join(DEFAULT_CHANNELS)
     workers: int = DEFAULT_WORKERS
     features: str = ",".join(MeasureOptions.features)
@@ -67,6 +70,7 @@ class HandcraftedConfig:
 
     def __post_init__(self) -> None:
         """Check every flag before any site is read, so a typo costs no compute and leaves no output."""
+        object.__setattr__(self, "column_map", column_pairs(self.column_map))
         options = self.measurement
         unknown = [f for f in options.features if f not in FEATURE_GROUPS]
         if unknown or not options.features:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from data.schema import DEFAULT_CHANNELS
-from utils.handcrafted.segment import Segmentation, check_range
+from data.segmentation import Segmentation, check_range
 
 SCALE = 65535.0
 COMPARTMENTS: tuple[str, ...] = ("Nuclei", "Cells", "Cytoplasm")

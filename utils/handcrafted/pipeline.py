@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from data.io import read_site
 from data.schema import INFERENCE_REQUIRED, load_site_table
+from data.segmentation import SegmentationParams, segment
 from utils.errors import DataError
 from utils.fileio import ensure_dir, write_csv_atomic, write_json_atomic
 from utils.handcrafted.config import HandcraftedConfig
@@ -31,7 +32,6 @@ from utils.handcrafted.profiles import (
     normalize,
     select_features,
 )
-from utils.handcrafted.segment import SegmentationParams, segment
 from utils.profiles.features import feature_columns
 
 OUTPUTS: tuple[str, ...] = ("site_features.csv", "well_features.csv", "run.json")
@@ -98,7 +98,8 @@ def run(cfg: HandcraftedConfig) -> dict[str, Any]:
     params = cfg.segmentation
     options = cfg.measurement
     select = cfg.select_operations
-    table = load_site_table(cfg.valset, image_root=cfg.image_root, channels=channels, required=INFERENCE_REQUIRED)
+    table = load_site_table(cfg.valset, image_root=cfg.image_root, channels=channels, required=INFERENCE_REQUIRED,
+                            platemap=cfg.platemap, column_map=cfg.column_map)
     table = limit_sites(table, cfg.max_sites_per_well)
     out = ensure_dir(cfg.output_dir)
     for stale in OUTPUTS:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data.locations import CROP_MODES, EDGE_RULES
+from data.metadata import column_pairs
 from data.schema import DEFAULT_CHANNELS
 from data.tiling import TileGrid
 from models.backbones import ARCHS
@@ -57,11 +59,18 @@ class InferenceConfig:
     channels: tuple[str, ...] = tuple(DEFAULT_CHANNELS)
     intensity: str | None = None
     image_root: str | None = None
+    platemap: str | None = None
+    column_map: tuple[tuple[str, str], ...] = ()
     center_tiles: bool = False
     empty_sites: str = "drop"
     well_pool: str = "tiles"
     cell_factor: float = 0.7
     min_cell_fraction: float = 0.01
+    crop_mode: str = "tiles"
+    crop_size: int = 128
+    locations: str | None = None
+    edge_cells: str = "drop"
+    max_cells: int | None = None
     controls: str = "auto"
     control_query: str | None = None
     norm_scope: str = "paper"
@@ -72,6 +81,7 @@ class InferenceConfig:
     resume: bool = False
     skip_bad_images: bool = False
     save_sites: bool = False
+    save_cells: bool = False
     parquet: bool = False
     local_rank: int | None = None
 
@@ -80,6 +90,7 @@ class InferenceConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "column_map", column_pairs(self.column_map))
         object.__setattr__(self, "norm_method", canonical_method(self.norm_method))
         self._check()
 
@@ -121,6 +132,28 @@ class InferenceConfig:
             raise ConfigError(f"--channels must be distinct names, got {list(self.channels)}")
         if "DNA" not in self.channels:
             raise ConfigError(f"--channels {list(self.channels)} has no DNA channel, which the cell mask needs")
+        self._check_crops()
+
+    def _check_crops(self) -> None:
+        """The single-cell flags: valid values, and none given where the crop mode ignores it."""
+        for flag, value, allowed in (("--crop-mode", self.crop_mode, CROP_MODES),
+                                     ("--edge-cells", self.edge_cells, EDGE_RULES)):
+            if value not in allowed:
+                raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        if int(self.crop_size) != self.crop_size or self.crop_size < 1:
+            raise ConfigError(f"--crop-size must be a positive number of pixels, got {self.crop_size!r}")
+        if self.max_cells is not None and self.max_cells < 1:
+            raise ConfigError(f"--max-cells must be >= 1 (omit it for every cell), got {self.max_cells}")
+        if self.locations is not None and not Path(self.locations).is_dir():
+            raise ConfigError(f"--locations {self.locations}: no such folder "
+                              "(expected <plate>/<well>-<site>-Nuclei.csv files)")
+        if self.crop_mode == "tiles":
+            given = [flag for flag, value in (("--locations", self.locations), ("--max-cells", self.max_cells),
+                                              ("--save-cells", self.save_cells or None)) if value is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} only apply to --crop-mode cells")
+        elif self.stride is not None or self.center_tiles:
+            raise ConfigError("--stride and --center-tiles only apply to --crop-mode tiles (cells: --crop-size)")
 
     @classmethod
     def from_flags(cls, flags: argparse.Namespace | Mapping[str, Any]) -> InferenceConfig:
@@ -143,7 +176,12 @@ class InferenceConfig:
 
     def flags(self) -> dict[str, Any]:
         """The settings as plain JSON types, for run.json."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: _plain(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples (also nested, as in column_map) as lists, the JSON form."""
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
 
 
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(InferenceConfig)

@@ -3,6 +3,7 @@ step that turns uint16 sites into tile embeddings."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -12,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from data.cellmask import otsu_threshold_batch
 from data.intensity import IntensityNorm, get_intensity_norm
+from data.segmentation import SegmentationParams
 from data.tiling import TileGrid, TileLayout, middle_tile_if_empty, tile_validity
 from models.backbones import embed
 from models.checkpoints import load_backbone_for_inference
@@ -148,7 +151,52 @@ def load_context(cfg: InferenceConfig, dist_info: DistInfo) -> tuple[EmbedContex
         "min_cell_fraction": cfg.min_cell_fraction,
         "precision": precision,
     }
+    if cfg.crop_mode == "cells":  # only then: a tiles part's fingerprint stays what it was before cell mode existed
+        fingerprint.update(cell_fingerprint(cfg))
     return make_context(cfg, embed_fn, intensity, dist_info.device, model_channels, fingerprint), loaded
+
+
+def cell_fingerprint(cfg: InferenceConfig) -> dict[str, Any]:
+    """The settings that change single-cell embeddings, for run.json and the ``--resume`` check of every plate.
+
+    ``save_cells`` is in it because a part holds per-cell rows only when it was asked for.
+    """
+    return {
+        "crop_mode": cfg.crop_mode,
+        "crop_size": int(cfg.crop_size),
+        "edge_cells": cfg.edge_cells,
+        "max_cells": cfg.max_cells,
+        "locations": os.path.abspath(cfg.locations) if cfg.locations is not None else None,
+        "segmentation": dataclasses.asdict(SegmentationParams()),
+        "save_cells": bool(cfg.save_cells),
+    }
+
+
+def _embed_standardised(ctx: EmbedContext, x: torch.Tensor) -> torch.Tensor:
+    """Standardise float (N, C, s, s) raw pixels in place and embed them (autocast when set) -> float (N, D)."""
+    # (x / scale - mean) / std == (x - mean * scale) / (std * scale): one conversion, then in place.
+    x.sub_(ctx.shift).div_(ctx.spread)
+    if ctx.autocast is not None:
+        with torch.autocast(ctx.device.type, dtype=ctx.autocast):
+            emb = ctx.embed_fn(x)
+    else:
+        emb = ctx.embed_fn(x)
+    return emb.float()
+
+
+@torch.no_grad()
+def embed_crops(ctx: EmbedContext, crops: torch.Tensor, size: int) -> torch.Tensor:
+    """uint16 (n, C, s, s) single-cell crops on the device, in ``--channels`` order -> embeddings (n, D).
+
+    Crops of another side than the model's ``size`` are resized with antialiased bilinear interpolation (as
+    training resizes its crops), then standardised like tiles.
+    """
+    if ctx.channel_perm is not None:
+        crops = crops.view(torch.int16)[:, ctx.channel_perm].view(torch.uint16)
+    x = crops.to(torch.float32)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return _embed_standardised(ctx, x)
 
 
 @torch.no_grad()
@@ -171,12 +219,6 @@ def embed_sites(
         valid = middle_tile_if_empty(valid)
     # (x / scale - mean) / std == (x - mean * scale) / (std * scale): one conversion, then in place.
     x = tiles.reshape(b * n, *tiles.shape[2:]).to(torch.float32)
-    x.sub_(ctx.shift).div_(ctx.spread)
-    if ctx.autocast is not None:
-        with torch.autocast(ctx.device.type, dtype=ctx.autocast):
-            emb = ctx.embed_fn(x)
-    else:
-        emb = ctx.embed_fn(x)
-    emb = emb.float().reshape(b, n, -1)
+    emb = _embed_standardised(ctx, x).reshape(b, n, -1)
     emb = torch.where(valid[..., None], emb, torch.full_like(emb, math.nan))
     return emb, valid, empty

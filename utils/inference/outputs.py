@@ -4,6 +4,7 @@ tables (CSV and optional parquet, each atomic) and ``run.json`` last."""
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from utils.inference.config import ALL_METHODS, InferenceConfig
 from utils.inference.plates import SITE_META, PlateResult, well_meta
 from utils.profiles import NORM_METHODS, consensus, embedding_names, feature_columns, normalize_profiles
 
-FINAL_FILES = ("well_features", "agg_features", "site_features")
+FINAL_FILES = ("well_features", "agg_features", "site_features", "cell_features")
+CELL_FILE = "cell_features.parquet"
 
 
 def versions() -> dict[str, str]:
@@ -51,7 +53,9 @@ def write_table(df: pd.DataFrame, folder: Path, name: str, parquet: bool) -> lis
     return written
 
 
-def merge_plates(table: pd.DataFrame, results: list[PlateResult], dim: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def merge_plates(table: pd.DataFrame, results: list[PlateResult], dim: int,
+                 count_column: str = "n_valid_tiles") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One well table and one site table (with ``count_column``: valid tiles, or cells) from the plates' parts."""
     feats = embedding_names(dim)
     wmeta, site_meta = well_meta(table), [*SITE_META, *[c for c in OPTIONAL_METADATA if c in table.columns]]
     wells, sites = [], []
@@ -61,11 +65,50 @@ def merge_plates(table: pd.DataFrame, results: list[PlateResult], dim: int) -> t
             wells.append(pd.concat([w, pd.DataFrame(r.well_emb, columns=feats)], axis=1))
             if len(r.site_rows):
                 s = table.loc[r.site_rows, site_meta].reset_index(drop=True)
-                s.insert(len(site_meta), "n_valid_tiles", r.site_valid)
+                s.insert(len(site_meta), count_column, r.site_valid)
                 sites.append(pd.concat([s, pd.DataFrame(r.site_emb, columns=feats)], axis=1))
     if not wells:
         raise DataError("no site could be embedded: every image was skipped")
     return pd.concat(wells, ignore_index=True), pd.concat(sites, ignore_index=True) if sites else pd.DataFrame()
+
+
+def write_cells(table: pd.DataFrame, results: Iterable[PlateResult | None], path: Path) -> int:
+    """Stream every plate's per-cell embeddings into one parquet file (atomic), one row group per plate.
+
+    Columns: the site metadata, ``x`` and ``y`` (the nucleus centre: column and row in site pixels), ``site_centre``
+    (True for the centre crop of a site without cells under ``--empty-sites center``) and ``emb0..``. Plates are
+    read one at a time, so memory holds one plate's cells, not the run's. Returns the number of rows written.
+    """
+    import pyarrow as pa  # lazy: only --save-cells streams parquet, and the training probe imports this module
+    import pyarrow.parquet as pq  # lazy: as above
+
+    meta = [*SITE_META, *[c for c in OPTIONAL_METADATA if c in table.columns]]
+    text = [c for c in meta if c != "field"]
+    writer, rows = None, 0
+    with atomic_path(path) as tmp:
+        try:
+            for r in results:
+                if r is None or r.cell_emb is None or not len(r.cell_rows):
+                    continue
+                df = table.loc[r.cell_rows, meta].reset_index(drop=True)
+                df[text] = df[text].astype("string")  # one arrow type whatever a plate's values (all-NA included)
+                df["x"], df["y"] = r.cell_yx[:, 1], r.cell_yx[:, 0]
+                df["site_centre"] = r.cell_centre.astype(bool)
+                df = pd.concat([df, pd.DataFrame(r.cell_emb, columns=embedding_names(r.cell_emb.shape[1]))], axis=1)
+                batch = pa.Table.from_pandas(df, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, batch.schema)
+                writer.write_table(batch.cast(writer.schema))
+                rows += len(df)
+            if writer is None:  # no cell anywhere: an empty table with the metadata and position columns
+                empty = table.iloc[:0][meta].assign(x=pd.Series(dtype=float), y=pd.Series(dtype=float),
+                                                    site_centre=pd.Series(dtype=bool))
+                empty[text] = empty[text].astype("string")
+                pq.write_table(pa.Table.from_pandas(empty, preserve_index=False), tmp)
+        finally:
+            if writer is not None:
+                writer.close()
+    return rows
 
 
 def normalise_wells(

@@ -15,11 +15,13 @@ import pandas as pd
 
 from utils.errors import ConfigError, DataError
 from utils.fileio import atomic_path, write_json_atomic
+from utils.inference.cells import PlateCells, pool_plate_cells
 from utils.inference.config import InferenceConfig
 from utils.inference.plates import PlateResult, PlateTiles, pool_plate
 
 PARTS_DIR = "parts"
 PART_FORMAT = "cellpaint-ssl/inference-part/1"
+CELL_ARRAYS = ("cell_rows", "cell_yx", "cell_emb", "cell_centre")  # only in parts of --crop-mode cells --save-cells
 
 
 def part_name(plate: str) -> str:
@@ -31,6 +33,7 @@ def save_part(directory: Path, plate: str, result: PlateResult, fingerprint: dic
     name = part_name(plate)
     arrays = {k: getattr(result, k) for k in ("site_rows", "site_emb", "site_valid", "well_rows", "well_emb",
                                                 "well_valid")}
+    arrays |= {k: getattr(result, k) for k in CELL_ARRAYS if getattr(result, k) is not None}
     with atomic_path(directory / f"{name}.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     write_json_atomic(directory / f"{name}.json", {"format": PART_FORMAT, "fingerprint": fingerprint,
@@ -38,9 +41,9 @@ def save_part(directory: Path, plate: str, result: PlateResult, fingerprint: dic
 
 
 def load_part(
-    directory: Path, plate: str, arrays: bool = True, sites: bool = True
+    directory: Path, plate: str, arrays: bool = True, sites: bool = True, cells: bool = False
 ) -> tuple[PlateResult | None, dict[str, Any]] | None:
-    """A finished plate (None when absent); site embeddings only when asked, so merging many plates stays small."""
+    """A finished plate (None when absent); site and cell embeddings only when asked, so merging stays small."""
     name = part_name(plate)
     meta_path, npz_path = directory / f"{name}.json", directory / f"{name}.npz"
     if not meta_path.is_file() or not npz_path.is_file():
@@ -50,7 +53,8 @@ def load_part(
         if not arrays:
             return None, meta
         with np.load(npz_path, allow_pickle=False) as z:
-            loaded = {k: z[k] if sites or not k.startswith("site_") else np.zeros(0) for k in z.files}
+            loaded = {k: z[k] if sites or not k.startswith("site_") else np.zeros(0) for k in z.files
+                      if cells or k not in CELL_ARRAYS}
         result = PlateResult(**loaded, report=meta["report"])
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise DataError(f"{npz_path}: unreadable intermediate result ({exc}); delete it and rerun") from None
@@ -67,10 +71,13 @@ def check_resumed(meta: dict[str, Any], fingerprint: dict[str, Any], path: Path)
 
 
 def pool_and_save(
-    parts: Path, plate_table: pd.DataFrame, tiles: PlateTiles, cfg: InferenceConfig, fingerprint: dict[str, Any],
-    rank: int,
+    parts: Path, plate_table: pd.DataFrame, tiles: PlateTiles | PlateCells, cfg: InferenceConfig,
+    fingerprint: dict[str, Any], rank: int,
 ) -> None:
     """Runs on a helper thread, so pooling and writing one plate overlaps with embedding the next."""
-    result = pool_plate(plate_table, tiles, cfg)
+    if isinstance(tiles, PlateCells):
+        result = pool_plate_cells(plate_table, tiles, cfg)
+    else:
+        result = pool_plate(plate_table, tiles, cfg)
     result.report["rank"] = rank
     save_part(parts, str(plate_table["plate"].iloc[0]), result, fingerprint)

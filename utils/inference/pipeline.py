@@ -47,18 +47,23 @@ import pandas as pd
 import torch.distributed as dist
 from tqdm import tqdm
 
+from data.locations import check_location_files
 from data.schema import INFERENCE_REQUIRED, load_site_table
 from utils.distributed import DistInfo
 from utils.errors import ConfigError, DataError
 from utils.fileio import ensure_dir, write_json_atomic
+from utils.inference.cells import COUNT_COLUMN as CELL_COUNT
+from utils.inference.cells import embed_plate_cells, pool_plate_cells
 from utils.inference.config import ALL_METHODS, IN_MEMORY, InferenceConfig
 from utils.inference.context import EmbedContext, load_context, resolve_device
 from utils.inference.outputs import (
+    CELL_FILE,
     clear_final_outputs,
     drop_empty_wells,
     merge_plates,
     normalise_wells,
     versions,
+    write_cells,
     write_profiles,
     write_table,
 )
@@ -84,11 +89,14 @@ def run_inference(cfg: InferenceConfig) -> Path | None:
     outdir = Path(cfg.outdir)
     parts = outdir / PARTS_DIR
     table = load_site_table(cfg.valset, cfg.image_root, cfg.channels, required=INFERENCE_REQUIRED,
-                            check_files=not cfg.skip_bad_images)
+                            check_files=not cfg.skip_bad_images, platemap=cfg.platemap, column_map=cfg.column_map)
+    if cfg.crop_mode == "cells":
+        check_location_files(table, cfg.locations)  # a missing file fails now, not at its plate hours later
     if dist_info.is_main:
         ensure_dir(outdir)
         clear_final_outputs(outdir)
     ctx, loaded = load_context(cfg, dist_info)
+    embed = embed_plate_cells if cfg.crop_mode == "cells" else embed_plate
     sizes = table.groupby("plate", sort=False).size().to_dict()
     mine = assign_plates(sizes, dist_info.world_size)[dist_info.rank]
     progress = tqdm(total=sum(sizes[p] for p in mine), unit="site", dynamic_ncols=True,
@@ -111,7 +119,7 @@ def run_inference(cfg: InferenceConfig) -> Path | None:
                     continue
             for done in [f for f in saving if f.done()]:
                 done.result()  # surface a pooling error now rather than after every plate is embedded
-            tiles = embed_plate(ctx, plate_table, cfg, progress)
+            tiles = embed(ctx, plate_table, cfg, progress)
             saving.append(finisher.submit(pool_and_save, parts, plate_table, tiles, cfg, fingerprint,
                                           dist_info.rank))
         for f in saving:
@@ -157,17 +165,20 @@ def write_run(
     dims = {r.well_emb.shape[1] for r in results if len(r.well_rows)}
     if len(dims) > 1:
         raise DataError(f"{parts}: plates have different embedding sizes {sorted(dims)}; rerun without --resume")
-    wells, sites = merge_plates(table, results, dims.pop() if dims else 0)
+    cells = cfg.crop_mode == "cells"
+    unit = "cell" if cells else "valid tile"
+    wells, sites = merge_plates(table, results, dims.pop() if dims else 0, CELL_COUNT if cells else "n_valid_tiles")
     wells, dropped = drop_empty_wells(wells)
     feats = feature_columns(wells)
     if dropped:
-        warnings.warn(f"{len(dropped)} well(s) have no valid tile and are left out (listed in run.json)",
+        warnings.warn(f"{len(dropped)} well(s) have no {unit} and are left out (listed in run.json)",
                       RuntimeWarning, stacklevel=2)
     skipped = [s for rep in reports for s in rep["skipped_files"]]
-    empty_sites = sum(rep["n_sites_without_valid_tiles"] for rep in reports)
+    empty_sites = sum(rep["n_sites_without_cells" if cells else "n_sites_without_valid_tiles"] for rep in reports)
     if empty_sites:
-        rule = "left out" if cfg.empty_sites == "drop" else "their middle tile is used (--empty-sites center)"
-        warnings.warn(f"{empty_sites} site(s) have no valid tile: {rule}; counts per plate in run.json",
+        middle = "their centre crop" if cells else "their middle tile"
+        rule = "left out" if cfg.empty_sites == "drop" else f"{middle} is used (--empty-sites center)"
+        warnings.warn(f"{empty_sites} site(s) have no {unit}: {rule}; counts per plate in run.json",
                       RuntimeWarning, stacklevel=2)
     control_query = resolve_control_query(wells, cfg.controls, cfg.control_query)
     written = []
@@ -175,6 +186,10 @@ def write_run(
         written += write_table(sites, outdir, "site_features", cfg.parquet)
     kept, written_norm = write_profiles(wells, cfg, control_query, outdir)
     written += written_norm
+    if cfg.save_cells:
+        plates = table["plate"].drop_duplicates()
+        write_cells(table, (load_part(parts, p, sites=False, cells=True)[0] for p in plates), outdir / CELL_FILE)
+        written.append(str(outdir / CELL_FILE))
     n_sites = int(sum(rep["n_sites_read"] for rep in reports))
     resumed = {p for g in gathered for p in g["resumed"]}
     embedded = int(sum(rep["n_sites_read"] for rep in reports if rep["plate"] not in resumed))
@@ -206,11 +221,33 @@ def write_run(
                     round(time.perf_counter() - t_post, 3), "total_seconds": round(total, 3),
                     "sites_per_second": round(embedded / embed_seconds, 3) if embedded else None},
     }
+    if cells:
+        run = cell_report(run, reports)
     write_json_atomic(outdir / "run.json", run)
     rate = f"{embedded / embed_seconds:.1f} sites/s" if embedded else "all plates resumed"
-    print(f"inference: {n_sites} sites -> {len(wells)} wells ({cfg.norm_method}), {len(skipped)} skipped, "
+    counted = ""
+    if cells:
+        c = run["cells"]
+        counted = (f" from {c['n_cells']} cells ({c['n_cells_dropped_at_edges']} dropped at edges, "
+                   f"{c['n_sites_without_cells']} sites without cells)")
+    print(f"inference: {n_sites} sites{counted} -> {len(wells)} wells ({cfg.norm_method}), {len(skipped)} skipped, "
           f"{rate}, {total:.1f} s total -> {outdir}", flush=True)
     return outdir
+
+
+def cell_report(run: dict[str, Any], reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """run.json of a cell-mode run: tile counts renamed for cells, and the run's cell totals in ``cells``."""
+    keys = ("n_cells", "n_cells_dropped_at_edges", "n_cells_over_max", "n_sites_without_cells", "n_sites_centre_crop",
+            "n_sites_from_location_files", "n_sites_segmented", "segment_seconds")
+    totals: dict[str, Any] = {k: sum(rep.get(k, 0) for rep in reports) for k in keys}
+    totals["segment_seconds"] = round(totals["segment_seconds"], 3)
+    totals["cells_per_site"] = round(totals["n_cells"] / run["n_sites"], 2) if run["n_sites"] else None
+    renamed = {"n_sites_without_valid_tiles": "n_sites_without_cells",
+               "wells_without_valid_tiles": "wells_without_cells"}
+    out = {renamed.get(k, k): v for k, v in run.items()}
+    out["n_sites_without_cells"] = totals["n_sites_without_cells"]
+    out["cells"] = totals
+    return out
 
 
 def embed_profiles(
@@ -235,7 +272,8 @@ def embed_profiles(
     if cfg.norm_method == ALL_METHODS:
         raise ConfigError("embed_profiles needs one --norm_method, not 'all'")
     bar = progress if progress is not None else tqdm(total=len(table), disable=True)
-    results = [pool_plate(plate_table, embed_plate(ctx, plate_table, cfg, bar), cfg)
+    embed, pool = (embed_plate_cells, pool_plate_cells) if cfg.crop_mode == "cells" else (embed_plate, pool_plate)
+    results = [pool(plate_table, embed(ctx, plate_table, cfg, bar), cfg)
                for _, plate_table in table.groupby("plate", sort=False)]
     dims = {r.well_emb.shape[1] for r in results if len(r.well_rows)}
     wells, _ = merge_plates(table, results, dims.pop() if dims else 0)

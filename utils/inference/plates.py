@@ -16,15 +16,16 @@ import torch
 from tqdm import tqdm
 
 from data.io import site_shape
-from data.prefetch import SitePrefetcher
+from data.prefetch import SiteBatch, SitePrefetcher
 from data.schema import OPTIONAL_METADATA, image_paths
 from utils.errors import DataError
 from utils.inference.config import InferenceConfig
 from utils.inference.context import EmbedContext, embed_sites
 from utils.profiles import aggregate_sites, aggregate_wells, embedding_names
 
-WELL_META = ("batch", "plate", "well", "perturbation_id", "target")
-SITE_META = ("batch", "plate", "well", "field", "perturbation_id", "target")
+WELL_META = ("batch", "plate", "well", "perturbation_id")
+SITE_META = ("batch", "plate", "well", "field", "perturbation_id")
+SIGNATURE_META = (*SITE_META, "target")  # what a plate part's fingerprint hashes; unchanged since target is optional
 
 
 @dataclass
@@ -38,13 +39,19 @@ class PlateResult:
     well_emb: np.ndarray
     well_valid: np.ndarray
     report: dict[str, Any] = field(default_factory=dict)
+    # --crop-mode cells with --save-cells: per crop its site's table row, nucleus (y, x), embedding, and whether it
+    # is the centre crop standing in for a site without cells (--empty-sites center); None otherwise
+    cell_rows: np.ndarray | None = None
+    cell_yx: np.ndarray | None = None
+    cell_emb: np.ndarray | None = None
+    cell_centre: np.ndarray | None = None
 
 
 def plate_signature(plate_table: pd.DataFrame, channels: Sequence[str]) -> str:
     """Hash of the plate's sites (files and metadata), so a resumed part belongs to the same rows."""
     digest = hashlib.sha1()
     for idx, row in plate_table.iterrows():
-        meta = "|".join(str(row.get(c)) for c in SITE_META)
+        meta = "|".join(str(row.get(c)) for c in SIGNATURE_META)
         digest.update(f"{idx}|{meta}|{'|'.join(image_paths(row, channels))}\n".encode())
     return digest.hexdigest()
 
@@ -60,7 +67,7 @@ def assign_plates(sizes: dict[str, int], world: int) -> list[list[str]]:
     return out
 
 
-def _probe_geometry(plate_table: pd.DataFrame, channels: Sequence[str]) -> tuple[int, int] | None:
+def probe_geometry(plate_table: pd.DataFrame, channels: Sequence[str]) -> tuple[int, int] | None:
     """(H, W) of the first site that opens; None when no site of the plate can be opened."""
     for _, row in plate_table.iterrows():
         try:
@@ -103,7 +110,7 @@ def embed_plate(
     channels = cfg.channels
     t0 = time.perf_counter()
     skipped: list[dict[str, str]] = []
-    geometry = _probe_geometry(plate_table, channels)
+    geometry = probe_geometry(plate_table, channels)
     n_sites = len(plate_table)
     read_ok = np.zeros(n_sites, dtype=bool)
     no_cells = np.zeros(n_sites, dtype=bool)
@@ -131,11 +138,7 @@ def embed_plate(
             progress.update(count)
 
         for batch in loader:
-            for pos, message in batch.errors:
-                if not cfg.skip_bad_images:
-                    raise DataError(message)
-                warnings.warn(f"skipping bad image: {message}", RuntimeWarning, stacklevel=2)
-                skipped.append({"files": ", ".join(image_paths(plate_table.iloc[pos], channels)), "error": message})
+            skipped += batch_errors(batch, plate_table, cfg)
             read_ok[batch.positions] = batch.ok
             rows = batch.pixels.shape[0] if cfg.compile else batch.count  # compiled graphs keep one batch shape
             emb, valid, empty = embed_sites(ctx, layout, batch.pixels[:rows], batch.otsu[:rows], batch.otsu_missing)
@@ -146,16 +149,35 @@ def embed_plate(
         if pending is not None:
             collect(pending)
     else:
-        for _, row in plate_table.iterrows():
-            files = ", ".join(image_paths(row, channels))
-            try:
-                site_shape(row.to_dict(), channels)
-            except DataError as exc:
-                if not cfg.skip_bad_images:
-                    raise
-                skipped.append({"files": files, "error": str(exc)})
-        progress.update(n_sites)
+        skipped = unreadable_plate(plate_table, cfg, progress)
     return PlateTiles(tile_emb, tile_valid, read_ok, no_cells, skipped, n_tiles, time.perf_counter() - t0)
+
+
+def batch_errors(batch: SiteBatch, plate_table: pd.DataFrame, cfg: InferenceConfig) -> list[dict[str, str]]:
+    """The unreadable sites of a batch: an error, or warned about and listed (``--skip_bad_images``)."""
+    skipped = []
+    for pos, message in batch.errors:
+        if not cfg.skip_bad_images:
+            raise DataError(message)
+        # stacklevel 3: the warning points at embed_plate's caller, as it did before this helper existed
+        warnings.warn(f"skipping bad image: {message}", RuntimeWarning, stacklevel=3)
+        skipped.append({"files": ", ".join(image_paths(plate_table.iloc[pos], cfg.channels)), "error": message})
+    return skipped
+
+
+def unreadable_plate(plate_table: pd.DataFrame, cfg: InferenceConfig, progress: tqdm) -> list[dict[str, str]]:
+    """A plate none of whose sites opens: the first error, or every site listed (``--skip_bad_images``)."""
+    skipped = []
+    for _, row in plate_table.iterrows():
+        files = ", ".join(image_paths(row, cfg.channels))
+        try:
+            site_shape(row.to_dict(), cfg.channels)
+        except DataError as exc:
+            if not cfg.skip_bad_images:
+                raise
+            skipped.append({"files": files, "error": str(exc)})
+    progress.update(len(plate_table))
+    return skipped
 
 
 def pool_plate(plate_table: pd.DataFrame, tiles: PlateTiles, cfg: InferenceConfig) -> PlateResult:

@@ -9,8 +9,9 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from data.locations import CROP_MODES
 from data.schema import DEFAULT_CHANNELS
-from utils.cli import SPELLING_NOTE, FlagParser, bool_flag
+from utils.cli import SPELLING_NOTE, FlagParser, add_metadata_flags, bool_flag
 from utils.errors import ConfigError
 
 VAL_GROUPS = ("well", "plate")
@@ -54,6 +55,7 @@ def add_common(
     data = parser.add_argument_group("data")
     data.add_argument("--path_df", default=path_df, help="dataset CSV, one row per site (paper or JUMP columns)")
     data.add_argument("--image_root", default=None, help="folder that relative image paths in --path_df are under")
+    add_metadata_flags(data)
     data.add_argument("--channels", nargs="+", default=list(DEFAULT_CHANNELS), help="channel names, in file order")
     data.add_argument(
         "--intensity", default=None, help="intensity normalisation: a preset name (paper_train, paper_multisource, "
@@ -61,6 +63,13 @@ def add_common(
         "stored in the checkpoint (default: the constants the paper trained with)"
     )
     data.add_argument("--num_workers", type=int, default=6, help="DataLoader workers per process")
+    data.add_argument("--crop_mode", choices=CROP_MODES, default="tiles",
+                      help="tiles: crops anywhere that pass the cell rule (the paper); cells: every crop centred on a "
+                           "random nucleus of the site, with a small jitter, same crop sizes (docs/TRAINING.md)")
+    data.add_argument("--locations", default=None,
+                      help="--crop_mode cells: folder of CellProfiler nucleus centres, "
+                           "<plate>/<well>-<site>-Nuclei.csv (default: the CSV's FileName_NucleiLocations column, "
+                           "else nuclei segmented per site once per worker)")
     _unsupported(data, "--data_path", "the paper never read it; give the dataset CSV with --path_df (and --image_root)")
     val = parser.add_argument_group("validation")
     val.add_argument("--val_fraction", type=float, default=val_fraction,

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data.locations import CROP_MODES
+from data.metadata import column_pairs
 from models.checkpoints import plain_args
 from utils.errors import ConfigError
 from utils.training.args import PARSERS, PRESETS, VAL_GROUPS, parse_args, scale_range
@@ -79,6 +81,10 @@ class TrainConfig:
     start_epoch: int = 0
     pin_mem: bool = True
     precision: str | None = None
+    platemap: str | None = None
+    column_map: tuple[tuple[str, str], ...] = ()
+    crop_mode: str = "tiles"
+    locations: str | None = None
     world_size: int = 0  # 0 until with_world: the fields below are only meaningful after it
     lr: float = 0.0
     batch_per_gpu: int = 0
@@ -113,6 +119,8 @@ def _check_fields(cfg: TrainConfig) -> None:
         raise ConfigError(f"TrainConfig.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if not cfg.channels or len(set(cfg.channels)) != len(cfg.channels):
         raise ConfigError(f"TrainConfig.channels must be distinct names, got {list(cfg.channels)}")
+    if cfg.crop_mode not in CROP_MODES:
+        raise ConfigError(f"TrainConfig.crop_mode must be one of {', '.join(CROP_MODES)}, got {cfg.crop_mode!r}")
     if cfg.world_size < 0 or (cfg.world_size > 0 and cfg.batch_per_gpu < 1):
         raise ConfigError("TrainConfig: with_world() gives a positive world size and per-process batch")
 
@@ -170,6 +178,14 @@ def _check_flags(method: str, f: dict[str, Any]) -> None:
         raise ConfigError(f"--val_every must be >= 1, got {f['val_every']}")
     if not f["channels"] or len(set(f["channels"])) != len(f["channels"]):
         raise ConfigError(f"--channels must be distinct names, got {f['channels']}")
+    if f["crop_mode"] not in CROP_MODES:
+        raise ConfigError(f"--crop_mode must be one of {', '.join(CROP_MODES)}, got {f['crop_mode']!r}")
+    if f["locations"] is not None:
+        if f["crop_mode"] != "cells":
+            raise ConfigError("--locations only applies to --crop_mode cells")
+        if not Path(f["locations"]).is_dir():
+            raise ConfigError(f"--locations {f['locations']}: no such folder "
+                              "(expected <plate>/<well>-<site>-Nuclei.csv files)")
 
 
 def _color_overrides(f: Mapping[str, Any]) -> dict[str, Any]:
@@ -267,14 +283,15 @@ def config_from_flags(method: str, flags: argparse.Namespace | Mapping[str, Any]
     probe = None
     if f["probe_csv"]:
         probe = ProbeConfig(Path(f["probe_csv"]), f["probe_every"], f["probe_size"], f["probe_stride"],
-                            f["probe_batch_size"], f["image_root"])
+                            f["probe_batch_size"], f["image_root"], f["platemap"], column_pairs(f["column_map"]))
     return TrainConfig(
         method=method, flags=plain, path_df=f["path_df"], image_root=f["image_root"], channels=tuple(f["channels"]),
         seed=f["seed"], num_workers=f["num_workers"], val_fraction=f["val_fraction"], val_group=f["val_group"],
         val_every=f["val_every"], probe=probe, stop_on_collapse=f["stop_on_collapse"], save_init=f["save_init"],
         max_minutes=f["max_minutes"], resume=f["resume"], no_auto_resume=f["no_auto_resume"], device=f["device"],
         compile=f["compile"], max_steps_per_epoch=f["max_steps_per_epoch"], log_every=f["log_every"],
-        local_rank=f["local_rank"], **FIELD_RESOLVERS[method](f, plain),
+        local_rank=f["local_rank"], platemap=f["platemap"], column_map=column_pairs(f["column_map"]),
+        crop_mode=f["crop_mode"], locations=f["locations"], **FIELD_RESOLVERS[method](f, plain),
     )
 
 

@@ -59,7 +59,13 @@ class EpochKeySampler(torch.utils.data.Sampler):
 
 def load_table(cfg: TrainConfig) -> pd.DataFrame:
     """The validated site table of ``--path_df``."""
-    return load_site_table(cfg.path_df, image_root=cfg.image_root, channels=cfg.channels, required=TRAIN_REQUIRED)
+    return load_site_table(cfg.path_df, image_root=cfg.image_root, channels=cfg.channels, required=TRAIN_REQUIRED,
+                           platemap=cfg.platemap, column_map=cfg.column_map)
+
+
+def crop_options(cfg: TrainConfig) -> dict[str, Any]:
+    """Where ``TrainCropDataset`` centres its crops (``--crop_mode``, ``--locations``), for every dataset of a run."""
+    return {"crop_mode": cfg.crop_mode, "locations": cfg.locations}
 
 
 def build_recipe(cfg: TrainConfig) -> AugmentRecipe:
@@ -73,7 +79,7 @@ def build_loader(
     """Site table (default: all of --path_df) -> crop dataset -> DataLoader with a shuffling DistributedSampler."""
     table = load_table(cfg) if table is None else table
     recipe = build_recipe(cfg)
-    dataset = TrainCropDataset(table, recipe, channels=cfg.channels, seed=cfg.seed)
+    dataset = TrainCropDataset(table, recipe, channels=cfg.channels, seed=cfg.seed, **crop_options(cfg))
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     workers = max(0, cfg.num_workers)

@@ -46,6 +46,8 @@ class ProbeConfig:
     stride: int | None = None
     batch_size: int = 8
     image_root: str | None = None
+    platemap: str | None = None
+    column_map: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -64,9 +66,11 @@ class Probe:
     def __init__(self, cfg: ProbeConfig, method: str, channels: tuple[str, ...], norm: IntensityNorm,
                  device: torch.device) -> None:
         self.cfg, self.method, self.channels, self.device = cfg, method, tuple(channels), device
-        self.table = load_site_table(cfg.csv, cfg.image_root, self.channels, required=INFERENCE_REQUIRED)
+        self.table = load_site_table(cfg.csv, cfg.image_root, self.channels, required=INFERENCE_REQUIRED,
+                                     platemap=cfg.platemap, column_map=cfg.column_map)
         if "target" not in self.table.columns or self.table["target"].isna().all():
-            raise DataError(f"--probe_csv {cfg.csv}: needs a target column (the probe scores target retrieval)")
+            print(f"training probe: {cfg.csv} has no target labels; probe_target_map is NaN and the best-probe "
+                  "checkpoint is chosen by replicate mAP", flush=True)
         if "DNA" not in self.channels:
             raise ConfigError(f"--channels {list(self.channels)} has no DNA channel, which the probe's cell rule needs")
         # inference's defaults for everything else, so the probe is inference
@@ -127,7 +131,14 @@ def run_probe(probe: Probe | None, model: nn.Module, info: distributed.DistInfo)
 
 
 def better(new: dict[str, float], best: dict[str, float] | None) -> bool:
-    """A probe beats the best so far on target mAP (NaN never wins, and any finite value beats a NaN best)."""
-    value = new.get("probe_target_map", float("nan"))
-    previous = float("nan") if best is None else best.get("probe_target_map", float("nan"))
+    """A probe beats the best so far on target mAP (NaN never wins, and any finite value beats a NaN best).
+
+    A probe plate without target labels has a NaN target mAP at every epoch; replicate mAP then decides, so the
+    best-probe checkpoint still means something on real plates, which rarely annotate targets.
+    """
+    key = "probe_target_map"
+    if not np.isfinite(new.get(key, np.nan)) and (best is None or not np.isfinite(best.get(key, np.nan))):
+        key = "probe_replicate_map"
+    value = new.get(key, float("nan"))
+    previous = float("nan") if best is None else best.get(key, float("nan"))
     return bool(np.isfinite(value) and not value <= previous)

@@ -6,6 +6,10 @@ and, like CellProfiler's default, nuclei touching the image edge dropped. Cells 
 inverted cytoplasm image (the sum of ``cyto_channels``, AGP + RNA) seeded by the nuclei, inside a foreground mask
 and within ``max_cell_distance`` px of a nucleus. Cytoplasm is the cell minus its nucleus, so object k is the same
 cell in all three label images and the measurements of the three compartments line up row by row.
+
+It lives in the data layer because three pipelines use it: the handcrafted baseline (``segment``), and single-cell
+inference and training (``nucleus_centres``), which may not import ``utils.handcrafted`` (docs/ARCHITECTURE.md,
+"Layers").
 """
 
 from __future__ import annotations
@@ -198,3 +202,41 @@ def segment(
     cyto = sum(pixels[channels.index(c)].astype(np.float32) for c in params.cyto_channels)
     cells = segment_cells(cyto, nuclei, params, exclude=(found > 0) & (nuclei == 0))
     return Segmentation(nuclei=nuclei, cells=cells)
+
+
+def nucleus_centres(
+    pixels: np.ndarray, channels: Sequence[str] = DEFAULT_CHANNELS, params: SegmentationParams = SegmentationParams()
+) -> np.ndarray:
+    """Centres (n, 2) as float64 (y, x) = (row, column) of the nuclei ``segment`` would find, in label order.
+
+    Only the DNA channel is read and no cells are grown, so this costs about half of ``segment``: what
+    single-cell crops need when a site has no CellProfiler locations. Border nuclei are dropped as in ``segment``
+    (``params.discard_border``), like CellProfiler's IdentifyPrimaryObjects, so the centres match its location
+    files' convention. A site without nuclei gives a (0, 2) array.
+
+    Parameters
+    ----------
+    pixels:
+        One site as a (C, H, W) array in raw units, channels in the order of ``channels`` (only DNA is used).
+    channels:
+        The channel names of ``pixels``; must include DNA.
+    params:
+        Nucleus sizes and thresholds; the defaults suit 1080 px JUMP-like sites.
+    """
+    channels = list(channels)
+    if "DNA" not in channels:
+        raise ConfigError(f"nucleus centres need channel 'DNA'; the site has {', '.join(channels)}")
+    if pixels.ndim != 3 or pixels.shape[0] != len(channels):
+        raise DataError(f"expected a ({len(channels)}, H, W) site, got shape {pixels.shape}")
+    found = segment_nuclei(np.asarray(pixels[channels.index("DNA")]), params)
+    nuclei = _drop_border(found) if params.discard_border else found
+    count = int(nuclei.max(initial=0))
+    if count == 0:
+        return np.zeros((0, 2), dtype=np.float64)
+    inside = np.flatnonzero(nuclei)  # nucleus pixels only: a few percent of the site
+    labels = nuclei.ravel()[inside]
+    rows, cols = np.divmod(inside, nuclei.shape[1])
+    area = np.bincount(labels, minlength=count + 1)[1:].astype(np.float64)
+    y = np.bincount(labels, weights=rows, minlength=count + 1)[1:] / area
+    x = np.bincount(labels, weights=cols, minlength=count + 1)[1:] / area
+    return np.stack([y, x], axis=1)
