@@ -6,8 +6,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
+from data.intensity import PRESETS
+from data.schema import DEFAULT_CHANNELS
 from data.synthetic import generate_plates
+from models.backbones import create_backbone
+from models.checkpoints import FORMAT, save_checkpoint
+
+TINY_INPUT = 32  # the tiny checkpoint's input size (the tiles of tests/test_inference.py and crops of test_cells.py)
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +31,17 @@ def make_plate(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path
         return made[wells]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SimCLR-format ViT checkpoint (32 px input, patch 8, 2 blocks), made once for the inference tests."""
+    torch.manual_seed(0)
+    bb = create_backbone("vit_tiny", 5, img_size=TINY_INPUT, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    obj = {"format": FORMAT, "method": "simclr", "arch": "vit_tiny", "patch_size": 8, "in_chans": 5,
+           "backbone": bb.state_dict(), "heads": {}, "optimizer": None, "scaler": None, "epoch": 1, "step": 1,
+           "args": {"embed_dim": 32, "depth": 2, "num_heads": 2}, "intensity": PRESETS["paper_train"].to_dict(),
+           "channels": list(DEFAULT_CHANNELS), "versions": {}}
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    save_checkpoint(path, obj)
+    return path

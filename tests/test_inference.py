@@ -23,8 +23,7 @@ from data.schema import DEFAULT_CHANNELS, load_site_table
 from data.synthetic import generate_plates
 from data.tiling import Region
 from inference import build_parser, main
-from models.backbones import create_backbone
-from models.checkpoints import FORMAT, load_backbone_for_inference, save_checkpoint
+from models.checkpoints import load_backbone_for_inference, save_checkpoint
 from utils.cli import run_cli
 from utils.errors import ConfigError, DataError
 from utils.inference import InferenceConfig, pipeline
@@ -40,19 +39,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("plates")
     generate_plates(out, plates=2, batches=1, wells=4, sites=2, size=64, seed=3, layout="merged", progress=False)
     return out
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    bb = create_backbone("vit_tiny", 5, img_size=TILE, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    obj = {"format": FORMAT, "method": "simclr", "arch": "vit_tiny", "patch_size": 8, "in_chans": 5,
-           "backbone": bb.state_dict(), "heads": {}, "optimizer": None, "scaler": None, "epoch": 1, "step": 1,
-           "args": {"embed_dim": 32, "depth": 2, "num_heads": 2}, "intensity": PRESETS["paper_train"].to_dict(),
-           "channels": list(DEFAULT_CHANNELS), "versions": {}}
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_checkpoint(path, obj)
-    return path
 
 
 def _args(data: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:

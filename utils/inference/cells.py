@@ -55,7 +55,8 @@ class PlateCells:
 
 
 class _CentreFinder:
-    """Nucleus centres of the sites of a batch: location files on the host, segmentation in reader threads."""
+    """Nucleus centres of the sites of a batch: location files read on the host, segmentation in its own threads
+    (``--num_workers`` of them) on the batch's DNA channel, in ``--channels`` (file) order."""
 
     def __init__(self, cfg: InferenceConfig, height: int, width: int) -> None:
         self.cfg, self.height, self.width = cfg, height, width
@@ -72,7 +73,7 @@ class _CentreFinder:
         self.from_files += len(rows) - len(todo)
         if todo:
             t0 = time.perf_counter()
-            dna = pixels[[slots[k] for k in todo], self.dna].cpu().numpy()  # one copy (none on CPU: a view)
+            dna = pixels[[slots[k] for k in todo], self.dna].cpu().numpy()  # one gather and one host copy per batch
             found = self.pool.map(lambda d: nucleus_centres(d[None], ("DNA",)), list(dna))
             for k, c in zip(todo, found):
                 centres[k] = c
@@ -143,7 +144,10 @@ def embed_plate_cells(ctx: EmbedContext, plate_table: pd.DataFrame, cfg: Inferen
             corners_all = np.concatenate(b_corner) if b_corner else np.zeros((0, 2), dtype=np.int64)
             for start in range(0, len(corners_all), chunk):
                 crops = cut_crops(batch.pixels, b_slot[start : start + chunk], corners_all[start : start + chunk], size)
-                emb = embed_crops(ctx, crops, cfg.size)
+                count = len(crops)
+                if cfg.compile and count < chunk:  # compiled graphs keep one batch shape, as for tiles
+                    crops = torch.cat([crops, crops.new_zeros((chunk - count, *crops.shape[1:]))])
+                emb = embed_crops(ctx, crops, cfg.size)[:count]
                 if pending is not None:  # one chunk late: the device already has the next one queued
                     emb_l.append(pending.cpu().numpy())
                 pending = emb

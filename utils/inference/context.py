@@ -167,7 +167,8 @@ def cell_fingerprint(cfg: InferenceConfig) -> dict[str, Any]:
         "edge_cells": cfg.edge_cells,
         "max_cells": cfg.max_cells,
         "locations": os.path.abspath(cfg.locations) if cfg.locations is not None else None,
-        "segmentation": dataclasses.asdict(SegmentationParams()),
+        "segmentation": {k: list(v) if isinstance(v, tuple) else v  # JSON's form, so a resumed part compares equal
+                         for k, v in dataclasses.asdict(SegmentationParams()).items()},
         "save_cells": bool(cfg.save_cells),
     }
 

@@ -22,9 +22,10 @@ Flow (one process, or one rank of ``torchrun --nproc_per_node=N inference.py ...
    empty sites/wells, per-plate reports and timings). Final outputs of an earlier run are deleted at start, so a
    failed run never leaves a complete-looking result.
 
-Modules: ``config`` (InferenceConfig, the flags), ``context`` (backbone and device step), ``plates`` (embed and
-pool one plate), ``parts`` (per-plate results on disk, resume), ``outputs`` (merge, normalise, write), ``pipeline``
-(this flow). From Python: ``run_inference(InferenceConfig(ckpt=..., valset=..., outdir=...))``.
+Modules: ``config`` (InferenceConfig, the flags), ``context`` (backbone and device step), ``plates`` (embed and pool
+one plate), ``cells`` (the same for ``--crop-mode cells``: one crop per nucleus), ``parts`` (per-plate results on
+disk, resume), ``outputs`` (merge, normalise, write), ``pipeline`` (this flow). From Python:
+``run_inference(InferenceConfig(ckpt=..., valset=..., outdir=...))``.
 
 Conventions: metadata columns keep the paper's names (batch, plate, well, perturbation_id, target, plus control_type
 and gene_group when the CSV has them); features are ``emb0..emb{D-1}`` unpadded, like the paper's inference, so its
