@@ -60,6 +60,19 @@ class _ThreadErrors(logging.Handler):
             self.messages.append(record.getMessage())
 
 
+def _open_image(opener: Any, path: str, kind: str) -> Any:
+    """``opener(path)`` with every failure as one DataError naming the file: missing, a folder, or garbage (the
+    libraries raise many exception types on garbage input)."""
+    try:
+        return opener(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected an image file") from None
+    except Exception as exc:
+        raise DataError(f"{path}: corrupt or unreadable {kind} ({_short(exc)})") from None
+
+
 @contextmanager
 def _open_tiff(path: str) -> Iterator[tifffile.TiffFile]:
     """Open a TIFF, turning every failure (missing, not a TIFF, broken page chain) into a DataError naming it."""
@@ -67,14 +80,7 @@ def _open_tiff(path: str) -> Iterator[tifffile.TiffFile]:
     tlog = logging.getLogger("tifffile")
     tlog.addHandler(handler)
     try:
-        try:
-            tif = tifffile.TiffFile(path)
-        except FileNotFoundError:
-            raise DataError(f"{path}: image file not found") from None
-        except IsADirectoryError:
-            raise DataError(f"{path}: is a folder, expected an image file") from None
-        except Exception as exc:  # tifffile raises many types on garbage input
-            raise DataError(f"{path}: corrupt or unreadable TIFF ({_short(exc)})") from None
+        tif = _open_image(tifffile.TiffFile, path, "TIFF")
         with tif:
             try:
                 len(tif.pages)  # index the whole page chain now, so a truncated chain is logged here
@@ -247,14 +253,7 @@ def _is_png(path: str) -> bool:
 @contextmanager
 def _open_png(path: str) -> Iterator[Image.Image]:
     """Open a PNG header (no decoding yet), refusing anything but one grayscale channel, errors naming the file."""
-    try:
-        image = Image.open(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected an image file") from None
-    except Exception as exc:  # Pillow raises many types on garbage input
-        raise DataError(f"{path}: corrupt or unreadable PNG ({_short(exc)})") from None
+    image = _open_image(Image.open, path, "PNG")
     with image:
         if image.format != "PNG":
             raise DataError(f"{path}: not a PNG file (its content is {image.format})")

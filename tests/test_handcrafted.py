@@ -233,7 +233,8 @@ def test_cli_end_to_end_on_synthetic_plate(plate: Path, tmp_path: Path) -> None:
     assert np.allclose(ctrl["Nuclei_AreaShape_Area"].median(), 0.0, atol=1e-9)  # mad_robustize on 2 controls
     run = json.loads((out / "run.json").read_text())
     assert run["n_sites"] == 8 and run["n_wells"] == 8 and run["n_objects"] > 0
-    assert run["args"] == json.loads(json.dumps(dataclasses.asdict(HandcraftedConfig(**vars(build_parser().parse_args(args))))))
+    expected = dataclasses.asdict(HandcraftedConfig(**vars(build_parser().parse_args(args))))
+    assert run["args"] == json.loads(json.dumps(expected))  # run.json holds JSON types (lists, not tuples)
     site_rows = pd.read_csv(out / "site_features.csv")
     assert (site_rows[COUNT_COLUMN] >= 1).all()
 
