@@ -587,10 +587,13 @@ def _memmap_tiff(path: str) -> tuple[np.ndarray, dict[str, Any]] | None:
     return _to_chw(mm, axes, path), desc
 
 
-def _warn_full_read(path: str) -> None:
-    """Say once per folder that files are read whole for every crop, so slow training has a visible cause."""
+def _warn_full_read(path: str, warn: bool = True) -> None:
+    """Say once per folder that files are read whole for every crop, so slow training has a visible cause.
+
+    ``warn=False`` for readers that want the whole site anyway (inference), where the advice would mislead.
+    """
     folder = os.path.dirname(path)
-    if folder not in _fallback_warned:
+    if warn and folder not in _fallback_warned:
         _fallback_warned.add(folder)
         why = ("PNG (always compressed)" if _is_png(path) else
                "TIFF (compressed, interleaved, non-contiguous or not uint16)" if path.lower().endswith(
@@ -603,11 +606,11 @@ def _warn_full_read(path: str) -> None:
         )
 
 
-def _open_merged(row: Mapping[str, Any], channels: Sequence[str]) -> np.ndarray | StackedChannels:
+def _open_merged(row: Mapping[str, Any], channels: Sequence[str], warn: bool = True) -> np.ndarray | StackedChannels:
     path = str(row[MERGED_COLUMN])
     mapped = _memmap_tiff(path)
     if mapped is None:
-        _warn_full_read(path)
+        _warn_full_read(path, warn)
         return _read_merged_site(row, channels)[0]
     mm, desc = mapped
     idx = _channel_index(mm.shape, _declared_channels(desc), channels, path)
@@ -616,29 +619,29 @@ def _open_merged(row: Mapping[str, Any], channels: Sequence[str]) -> np.ndarray 
     return StackedChannels([mm[i] for i in idx])
 
 
-def _open_npy(row: Mapping[str, Any], channels: Sequence[str]) -> np.ndarray:
+def _open_npy(row: Mapping[str, Any], channels: Sequence[str], warn: bool = True) -> np.ndarray:
     path = str(row[MERGED_COLUMN])
     arr = _load_npy(path)
     _channel_index(arr.shape, None, channels, path)
     if not _is_raw_dtype(arr.dtype):
-        _warn_full_read(path)
+        _warn_full_read(path, warn)
         return read_npy(path)
     if not arr.dtype.isnative:
         return read_npy(path)
     return arr
 
 
-def _open_per_channel(row: Mapping[str, Any], channels: Sequence[str]) -> StackedChannels:
+def _open_per_channel(row: Mapping[str, Any], channels: Sequence[str], warn: bool = True) -> StackedChannels:
     paths = _channel_paths(row, channels)
     planes = []
     for p in paths:
         if _is_png(p):
-            _warn_full_read(p)
+            _warn_full_read(p, warn)
             plane = _read_png(p)[None]
         else:
             mapped = _memmap_tiff(p)
             if mapped is None:
-                _warn_full_read(p)
+                _warn_full_read(p, warn)
                 plane, _ = _read_tiff(p)
             else:
                 plane = mapped[0]
@@ -654,12 +657,14 @@ _SITE_OPENERS = {"merged": _open_merged, "npy": _open_npy, "per-channel": _open_
 
 
 def open_site_array(
-    row: Mapping[str, Any], channels: Sequence[str] = DEFAULT_CHANNELS, illum: bool = True
+    row: Mapping[str, Any], channels: Sequence[str] = DEFAULT_CHANNELS, illum: bool = True,
+    warn_full_read: bool = True,
 ) -> np.ndarray | StackedChannels:
     """Lazy read-only (C,H,W) uint16 site, so a worker reads only the bytes of its crops.
 
     Uncompressed contiguous uint16 TIFFs and .npy files are memory-mapped. PNGs, other dtypes and compressed or
-    non-contiguous TIFFs cannot be, so they are read whole and converted (a RuntimeWarning says so once per folder);
+    non-contiguous TIFFs cannot be, so they are read whole and converted (a RuntimeWarning says so once per folder,
+    unless ``warn_full_read`` is False);
     the result is then an in-memory array. A row with illumination functions gives a ``StackedChannels`` of
     ``IlluminatedPlane``: each indexed region is divided by the same region of its function, as ``read_site`` does.
     """
@@ -668,7 +673,7 @@ def open_site_array(
     if opener is None:
         raise DataError(f"unknown site layout {layout!r}; expected one of {sorted(_SITE_OPENERS)}")
     channels = tuple(channels)
-    site = opener(row, channels)
+    site = opener(row, channels, warn_full_read)
     functions = _site_illum(row, channels, site.shape[1:]) if illum else None
     if functions is None:
         return site

@@ -51,7 +51,7 @@ def read_site_region(
     if fast is not None:
         arr, otsu = fast
     else:
-        arr, otsu = open_site_array(row, channels), None
+        arr, otsu = open_site_array(row, channels, warn_full_read=False), None  # a whole site is wanted here
     expected = (len(channels), region.height, region.width)
     if tuple(arr.shape) != expected:
         name = image_paths(row, channels)[0] if image_paths(row, channels) else "site"

@@ -192,6 +192,19 @@ def _resolve_column(base: str, names: pd.Series, folders: pd.Series | None) -> n
     return np.array(out, dtype=object)
 
 
+def _remote_rows(df: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """Rows whose file or folder cells are URLs (JUMP's load_data CSVs name ``s3://`` folders)."""
+    hit = np.zeros(len(df), dtype=bool)
+    for c in columns:
+        if c in df.columns:
+            hit |= df[c].fillna("").astype(str).str.contains("://", regex=False).to_numpy()
+    return hit
+
+
+def _first_remote(row: pd.Series) -> str:
+    return next(str(v) for v in row.to_numpy() if "://" in str(v))
+
+
 def _resolve_paths(
     df: pd.DataFrame, base: str, channels: Sequence[str], problems: _Problems, csv_path: Path
 ) -> None:
@@ -242,6 +255,13 @@ def _resolve_paths(
             problems.add("empty channel file name", f"{_line(int(i))} ({', '.join(empty)})")
         flagged = flagged | partial
         rows = candidates & filled.all(axis=1)
+        remote = rows & _remote_rows(df, [c for ch in channels for c in (filename_column(ch), pathname_column(ch))])
+        for i in np.flatnonzero(remote):
+            problems.add("remote image path (only local files are read: download them, e.g. with aws s3 sync "
+                         "--no-sign-request, and point PathName_Orig* at the copy)",
+                         f"{_line(int(i))} ({_first_remote(df.iloc[int(i)])})")
+        flagged = flagged | remote
+        rows = rows & ~remote
         if rows.any():
             bad_ext = np.zeros(n, dtype=bool)
             for ch in channels:

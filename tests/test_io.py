@@ -352,6 +352,22 @@ def test_non_uint16_and_png_warn_that_crops_read_the_whole_file(tmp_path, source
             assert "PNG" in str(record[0].message)
 
 
+def test_inference_reader_gives_no_crop_advice(tmp_path, sources):
+    """Inference reads whole sites anyway, so the 'convert for fast training' advice is not given there."""
+    import warnings
+
+    from data.prefetch import read_site_region
+    from data.tiling import Region
+
+    row = _write_format(tmp_path, "png", sources["uint8"])
+    c, h, w = open_site_array(row, warn_full_read=False).shape
+    out = np.empty((c, h, w), np.uint16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_site_region(row, DEFAULT_CHANNELS, Region(h, w, 0, 0, h, w), out)
+    np.testing.assert_array_equal(out, read_site(row)[0])
+
+
 def test_uncompressed_uint16_keeps_the_memory_mapped_fast_paths(tmp_path, pixels):
     write_merged_tiff(tmp_path / "a.tif", pixels, otsu=None)
     assert isinstance(open_site_array({"FileName_Merged": str(tmp_path / "a.tif")}), np.memmap)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from data.metadata import ALIASES, column_pairs, fill_negcon_perturbation, map_metadata
-from data.schema import INFERENCE_REQUIRED, load_site_table
+from data.schema import DEFAULT_CHANNELS, INFERENCE_REQUIRED, load_site_table
 from utils.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,3 +150,18 @@ def test_every_site_cli_takes_platemap_and_map() -> None:
                 ["-m", "utils.handcrafted"], ["-m", "data.stats"]):
         out = subprocess.run([sys.executable, *cmd, "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
         assert "--platemap" in out.stdout and "--map SRC=DST" in out.stdout, cmd
+
+
+def test_remote_image_paths_are_one_line_error(tmp_path: Path) -> None:
+    """JUMP's load_data CSVs name s3:// folders: an error saying to download them, not 'file not found'."""
+    rows = [{"Metadata_Plate": "P1", "Metadata_Well": "A01", "Metadata_Site": 1,
+             **{f"FileName_Orig{ch}": f"r01c01f01p01-ch{i}.tiff" for i, ch in enumerate(DEFAULT_CHANNELS, 1)},
+             **{f"PathName_Orig{ch}": "s3://cellpainting-gallery/cpg0016-jump/source_4/images/B1/images/P1/"
+                for ch in DEFAULT_CHANNELS}}]
+    path = tmp_path / "load_data.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    with pytest.raises(DataError) as err:
+        load_site_table(path)
+    msg = str(err.value)
+    assert "\n" not in msg and "remote image path" in msg and "s3://cellpainting-gallery" in msg
+    assert "aws s3 sync" in msg and str(path) in msg

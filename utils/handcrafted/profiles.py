@@ -28,6 +28,7 @@ WELL_METADATA: tuple[str, ...] = (*WELL_KEYS, "perturbation_id", "target", "cont
 NORM_METHODS: tuple[str, ...] = ("mad_robustize", "standardize", NO_NORMALISATION)
 SELECT_OPERATIONS: tuple[str, ...] = ("variance_threshold", "correlation_threshold", "drop_na_columns", "blocklist")
 DEFAULT_SELECT: tuple[str, ...] = SELECT_OPERATIONS
+MAD_RELATIVE_TOLERANCE = 1e-9  # a control MAD at or below this fraction of the median counts as zero
 
 
 def check_norm_method(method: str) -> str:
@@ -97,12 +98,18 @@ def drop_incomplete(wells: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 
 def _zero_mad_features(df: pd.DataFrame, features: Sequence[str], controls: np.ndarray) -> list[str]:
-    """Features whose control MAD is zero on some plate: mad_robustize would divide by ~0 there."""
+    """Features whose control MAD is zero on some plate: mad_robustize would divide by ~0 there.
+
+    "Zero" is relative to the feature's magnitude: on 8-bit images a MAD-type feature can be identical in every
+    control but for floating-point rounding (a MAD of 1e-17 on values near 1e-2), which would scale it by 1e15.
+    """
     bad: set[str] = set()
     for _, idx in df[controls].groupby("plate", sort=False).groups.items():
         values = df.loc[idx, list(features)].to_numpy(dtype=np.float64)
-        mad = np.median(np.abs(values - np.median(values, axis=0)), axis=0)
-        bad.update(f for f, m in zip(features, mad) if not m > 0)
+        median = np.median(values, axis=0)
+        mad = np.median(np.abs(values - median), axis=0)
+        tiny = MAD_RELATIVE_TOLERANCE * np.abs(median)
+        bad.update(f for f, m, t in zip(features, mad, tiny) if not m > t)
     return [f for f in features if f in bad]
 
 

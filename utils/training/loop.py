@@ -41,7 +41,7 @@ from utils.training.checkpointing import (
     save_epoch,
 )
 from utils.training.config import TrainConfig
-from utils.training.data import ViewPipeline, build_loader, load_intensity_norm, load_table
+from utils.training.data import ViewPipeline, build_loader, crop_options, load_intensity_norm, load_table
 from utils.training.optim import build_optimizer
 from utils.training.probe import Probe, better, run_probe
 from utils.training.schedules import Schedules, build_schedules
@@ -335,7 +335,8 @@ def _run_epoch_steps(
 
 def build_validator(cfg: TrainConfig, info: distributed.DistInfo, table: Any, recipe: AugmentRecipe) -> Validator:
     """The held-out sites as a fixed-crop dataset (own seed) sharded over ranks."""
-    dataset = TrainCropDataset(table, recipe, channels=cfg.channels, seed=sample_seed(cfg.seed, "val_crops"))
+    dataset = TrainCropDataset(table, recipe, channels=cfg.channels, seed=sample_seed(cfg.seed, "val_crops"),
+                               **crop_options(cfg))
     return Validator(cfg.method, dataset, cfg.batch_per_gpu, info, cfg.seed, max(0, cfg.num_workers),
                      cfg.pin_mem and info.device.type == "cuda")
 

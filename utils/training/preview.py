@@ -29,7 +29,7 @@ from utils.fileio import atomic_path, write_json_atomic
 from utils.seeding import keyed_generator
 from utils.training.args import parse_args
 from utils.training.config import config_from_flags
-from utils.training.data import ViewPipeline, build_recipe, load_intensity_norm, load_table
+from utils.training.data import ViewPipeline, build_recipe, crop_options, load_intensity_norm, load_table
 
 # Mito -> red, AGP -> red/green, RNA -> green, ER -> green/blue, DNA -> blue: a fixed 5 -> RGB mixing for composites
 _MIX = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]])
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = build_recipe(cfg)
     norm = load_intensity_norm(cfg, table)
     pipeline = ViewPipeline(recipe, norm, device)
-    dataset = TrainCropDataset(table, recipe, channels=cfg.channels, seed=cfg.seed)
+    dataset = TrainCropDataset(table, recipe, channels=cfg.channels, seed=cfg.seed, **crop_options(cfg))
     order = np.random.default_rng(cfg.seed).permutation(len(dataset))
     per_group: list[dict[str, list[torch.Tensor]]] = [{"raw": [], "aug": [], "std": []} for _ in recipe.views]
     for it in range(args.batches):
