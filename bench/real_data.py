@@ -88,7 +88,8 @@ def train(method: str, data: Path, out: Path, minutes: float, epochs: int, seed:
         return 0.0
     cmd = [SCRIPT[method], "--preset", "small_cpu", "--path_df", str(data / "load_data.csv"), "--platemap",
            str(data / "platemap.csv"), OUT_FLAG[method], str(out), "--save_init", "--max_minutes", str(minutes),
-           EPOCH_FLAG[method], str(epochs), *BATCH[method], "--seed", str(seed), "--no_auto_resume", "--probe_every", "1000"]
+           EPOCH_FLAG[method], str(epochs), *BATCH[method], "--seed", str(seed), "--no_auto_resume",
+           "--probe_every", "1000"]
     return sh(cmd, logs / f"train_{method}.log")
 
 
