@@ -192,6 +192,24 @@ def test_mad_robustize_drops_features_constant_in_controls() -> None:
     np.testing.assert_allclose(out["Cells_AreaShape_Area"], (wells["Cells_AreaShape_Area"] - 1.5) / (0.5 * 1.4826))
 
 
+def test_mad_robustize_drops_features_constant_in_controls_up_to_rounding() -> None:
+    """An 8-bit MAD-type feature equal in every control but for rounding (1e-17 on 1e-2) would be scaled by 1e15."""
+    mad = 0.0117647058823529
+    wells = pd.DataFrame({
+        "batch": "b", "plate": "p", "well": ["A1", "A2", "A3", "A4", "A5"],
+        "perturbation_id": ["DMSO", "DMSO", "DMSO", "x", "y"], "target": "t",
+        "Cells_Intensity_MADIntensity_AGP": [mad, mad + 1.7e-18, mad + 3.5e-18, 0.02, 0.03],
+        "Cells_AreaShape_Area": [1.0, 2.0, 4.0, 3.0, 5.0],
+    })
+    out, report = normalize(wells, "mad_robustize")
+    assert report["dropped_zero_mad_features"] == 1 and feature_columns(out) == ["Cells_AreaShape_Area"]
+    # a small but real spread is kept: tolerance is relative to the feature's magnitude, not absolute
+    wells["Cells_Intensity_MADIntensity_AGP"] = [mad, mad * 1.001, mad * 1.002, 0.02, 0.03]
+    out, report = normalize(wells, "mad_robustize")
+    assert report["dropped_zero_mad_features"] == 0 and len(feature_columns(out)) == 2
+    assert np.abs(out[feature_columns(out)].to_numpy()).max() < 1e4
+
+
 def test_normalize_needs_two_control_wells_per_plate() -> None:
     wells = pd.DataFrame({
         "batch": "b", "plate": ["p1"] * 3 + ["p2"] * 3, "well": ["A1", "A2", "A3"] * 2,
