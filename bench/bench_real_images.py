@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import tifffile  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from data.intensity import PRESETS  # noqa: E402
 from data.io import read_site  # noqa: E402
@@ -61,8 +62,6 @@ def as_tiff(csv: Path, out: Path) -> Path:
     for ch in CHANNELS:
         names = []
         for i, (folder, name) in enumerate(zip(ld[f"PathName_Orig{ch}"], ld[f"FileName_Orig{ch}"])):
-            from PIL import Image
-
             plane = np.asarray(Image.open(Path(folder) / name)).astype(np.uint16) * 257
             target = out / f"s{i}_{ch}.tif"
             tifffile.imwrite(target, plane, photometric="minisblack", metadata=None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +121,6 @@ def test_inference_end_to_end_from_load_data_and_platemap(embedded: Path, mode: 
 def test_evaluate_runs_on_the_real_folders(embedded: Path, handcrafted: Path, tmp_path: Path) -> None:
     """evaluate.py on the tiles folder beside the handcrafted profiles; no target column, so target metrics are
     skipped with one line and the replicate metrics are finite."""
-    import shutil
-
     shutil.copytree(handcrafted, embedded / "tiles" / "CellProfiler", dirs_exist_ok=True)
     out = tmp_path / "eval"
     assert evaluate.main(["-b", str(embedded), "-i", "tiles", "-o", str(out), "--null-size", "200",
