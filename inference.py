@@ -18,7 +18,7 @@ from utils.inference.config import (
     InferenceConfig,
 )
 from utils.inference.config import DEFAULTS as D
-from utils.profiles import CONTROL_CHOICES, NORM_CHOICES, OPERATIONS, SCOPES
+from utils.profiles import CONTROL_CHOICES, NORM_METHODS, OPERATIONS, SCOPES, STEPS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument("--stride", type=int, default=D["stride"], help="tile stride (default: --size)")
     paper.add_argument("--gpus", type=int, nargs="*", default=D["gpus"],
                        help="GPU id for a single process (default 0; torchrun uses one GPU per local rank)")
-    paper.add_argument("--norm_method", choices=NORM_CHOICES, default=D["norm_method"],
-                       help="pycytominer post-processing; 'all' writes one folder per method")
+    paper.add_argument("--norm_method", default=D["norm_method"], metavar="CHAIN",
+                       help=f"normalisation chain: the paper's methods ({', '.join(NORM_METHODS)}), 'all' (one "
+                            f"folder per paper method), steps joined by _ ({', '.join(STEPS)}; name@controls "
+                            f"fits a step on the controls), jump / jump_harmony, or a .json/.toml chain file; "
+                            f"see docs/PROFILES.md")
     paper.add_argument("--operation", choices=OPERATIONS, default=D["operation"],
                        help="pooling of tiles into sites/wells and of wells into perturbations")
     paper.add_argument("--l2norm", action="store_true",
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pandas query selecting control wells (overrides --controls)")
     norm.add_argument("--norm-scope", choices=SCOPES, default=D["norm_scope"],
                       help="paper: standardize/mad_robustize per plate, spherize over all plates")
+    norm.add_argument("--batch-key", default=D["batch_key"],
+                      help="metadata column Harmony corrects for (batch, plate, or a source column)")
     norm.add_argument("--mad-reference", choices=MAD_REFERENCES, default=D["mad_reference"],
                       help="mad_robustize statistics from all wells (the paper) or from control wells")
     run = p.add_argument_group("run")

@@ -308,7 +308,7 @@ BAD_SETTINGS = {
     "cyto_channels": ({"cyto_channels": "AGP,Foo"}, "channel 'Foo' is needed for segmentation"),
     "feature_select": ({"feature_select": "variance_threshold,bogus"}, "--feature_select 'bogus'"),
     "max_sites_per_well": ({"max_sites_per_well": 0}, "--max_sites_per_well must be >= 1"),
-    "norm_method": ({"norm_method": "spherize"}, "--norm_method 'spherize'"),
+    "norm_method": ({"norm_method": "zscore"}, "--norm_method 'zscore'"),
     "site_operation": ({"site_operation": "max"}, "--site_operation 'max'"),
     "well_operation": ({"well_operation": "max"}, "--well_operation 'max'"),
     "controls": ({"controls": "bogus"}, "--controls 'bogus'"),
@@ -364,7 +364,8 @@ def test_hyphen_spellings_parse_to_the_same_config() -> None:
                 "nucleus_diameter": 18.5, "min_nucleus_area": 25, "max_cell_distance": 40.0,
                 "discard_border": "false", "cyto_channels": "AGP,RNA", "site_operation": "mean",
                 "well_operation": "median", "max_sites_per_well": 2, "norm_method": "standardize",
-                "controls": "DMSO", "control_query": "plate == 'p'", "feature_select": "blocklist",
+                "controls": "DMSO", "control_query": "plate == 'p'", "batch_key": "plate",
+                "feature_select": "blocklist",
                 "corr_threshold": 0.8, "platemap": "map.csv"}
     fields = {f.name for f in dataclasses.fields(HandcraftedConfig)}
     assert set(settings) == fields - {"valset", "output_dir", "column_map"}  # every optional flag is exercised

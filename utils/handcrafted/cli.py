@@ -59,9 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "site_operation", metavar="OP", help=f"objects -> site: {', '.join(OPERATIONS)}")
     _add(p, "well_operation", metavar="OP", help=f"sites -> well: {', '.join(OPERATIONS)}")
     _add(p, "max_sites_per_well", type=int, metavar="K", help="use only the first K sites of each well (>= 1)")
-    _add(p, "norm_method", metavar="METHOD", help=f"{', '.join(NORM_METHODS)} (none is an alias of {NO_NORMALISATION})")
+    _add(p, "norm_method", metavar="CHAIN",
+         help=f"{', '.join(NORM_METHODS)} (none is an alias of {NO_NORMALISATION}), or any normalisation chain of "
+              "docs/PROFILES.md (e.g. mad_robustize_spherize_harmony, jump_harmony, a .json/.toml chain file)")
     _add(p, "controls", metavar="RULE", help=f"{', '.join(CONTROL_CHOICES)}: auto is negcon if annotated, else DMSO")
     _add(p, "control_query", metavar="QUERY", help="pandas query selecting control wells (overrides --controls)")
+    _add(p, "batch_key", metavar="COL", help="metadata column a harmony step corrects for (batch, plate, ...)")
     _add(p, "feature_select", metavar="LIST", help=f"comma list of {', '.join(SELECT_OPERATIONS)}, or none")
     _add(p, "corr_threshold", type=float, metavar="R",
          help="correlation_threshold drops one of each pair correlated above this")

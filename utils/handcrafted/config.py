@@ -65,6 +65,7 @@ class HandcraftedConfig:
     norm_method: str = "mad_robustize"
     controls: str = "auto"
     control_query: str | None = None
+    batch_key: str = "batch"
     feature_select: str = ",".join(DEFAULT_SELECT)
     corr_threshold: float = 0.9
 

@@ -27,6 +27,7 @@ from utils.handcrafted.measure import COUNT_COLUMN, MeasureOptions, measure_site
 from utils.handcrafted.profiles import (
     WELL_METADATA,
     aggregate,
+    chain_selects_features,
     drop_incomplete,
     limit_sites,
     normalize,
@@ -106,7 +107,9 @@ def run(cfg: HandcraftedConfig) -> dict[str, Any]:
         (out / stale).unlink(missing_ok=True)
     sites = compute_site_features(table, channels, params, options, cfg.site_operation, cfg.workers)
     wells, clean_report = drop_incomplete(aggregate(sites, cfg.well_operation))
-    normalised, norm_report = normalize(wells, cfg.norm_method, cfg.control_query, cfg.controls)
+    normalised, norm_report = normalize(wells, cfg.norm_method, cfg.control_query, cfg.controls, cfg.batch_key)
+    if chain_selects_features(cfg.norm_method):  # the chain selected features where it wanted them
+        select = ()
     selected = select_features(normalised, select, cfg.corr_threshold)
     if not feature_columns(selected):
         raise DataError("feature selection removed every feature; try --feature_select none or fewer operations")
@@ -116,7 +119,8 @@ def run(cfg: HandcraftedConfig) -> dict[str, Any]:
         "n_sites": len(sites), "n_wells": len(selected), "n_objects": int(sites[COUNT_COLUMN].sum()),
         "n_features_measured": len(feature_columns(wells)), "n_features": len(feature_columns(selected)),
         "empty_sites": int((sites[COUNT_COLUMN] == 0).sum()), **clean_report, "normalisation": norm_report,
-        "feature_select": list(select), "segmentation": asdict(params), "measurement": asdict(options),
+        "feature_select": list(select) if select or not chain_selects_features(cfg.norm_method)
+        else "in the normalisation chain", "segmentation": asdict(params), "measurement": asdict(options),
         "site_operation": cfg.site_operation, "well_operation": cfg.well_operation,
         "args": asdict(cfg), "versions": {p: metadata.version(p) for p in ("cp-measure", "pycytominer")},
         "seconds": round(time.time() - start, 2),

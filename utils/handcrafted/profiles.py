@@ -19,23 +19,24 @@ import pandas as pd
 from utils.errors import ConfigError, DataError
 from utils.handcrafted.measure import COUNT_COLUMN
 from utils.profiles.aggregate import OPERATIONS
+from utils.profiles.chain import SELECT_OPERATIONS, normalize_profiles, parse_chain
+from utils.profiles.chain import select_features as select_profile_features
 from utils.profiles.controls import control_mask, resolve_control_query
 from utils.profiles.features import feature_columns
-from utils.profiles.normalize import NO_NORMALISATION, canonical_method, normalize_profiles
+from utils.profiles.normalize import NO_NORMALISATION, canonical_method
 
 WELL_KEYS: tuple[str, ...] = ("batch", "plate", "well")
 WELL_METADATA: tuple[str, ...] = (*WELL_KEYS, "perturbation_id", "target", "control_type", "gene_group")
+# The methods --help names first; any chain of utils.profiles.chain runs.
 NORM_METHODS: tuple[str, ...] = ("mad_robustize", "standardize", NO_NORMALISATION)
-SELECT_OPERATIONS: tuple[str, ...] = ("variance_threshold", "correlation_threshold", "drop_na_columns", "blocklist")
 DEFAULT_SELECT: tuple[str, ...] = SELECT_OPERATIONS
 MAD_RELATIVE_TOLERANCE = 1e-9  # a control MAD at or below this fraction of the median counts as zero
 
 
 def check_norm_method(method: str) -> str:
-    """The canonical name of a handcrafted normalisation method (``none`` -> ``no_post_proc``), or a ConfigError."""
+    """The canonical name of a handcrafted normalisation chain (``none`` -> ``no_post_proc``), or a ConfigError."""
     canonical = canonical_method(method)
-    if canonical not in NORM_METHODS:
-        raise ConfigError(f"--norm_method {method!r} is not one of {', '.join(NORM_METHODS)} (or none)")
+    parse_chain(canonical)
     return canonical
 
 
@@ -114,33 +115,38 @@ def _zero_mad_features(df: pd.DataFrame, features: Sequence[str], controls: np.n
 
 
 def normalize(df: pd.DataFrame, method: str = "mad_robustize", control_query: str | None = None,
-              controls: str = "auto") -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Per-plate pycytominer normalisation of well profiles, fitted on the negative-control wells.
+              controls: str = "auto", batch_key: str = "batch") -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Normalisation chain of well profiles, its pycytominer steps fitted on the negative-control wells.
 
     Fitting on the controls (also for mad_robustize, which the paper fitted on all wells) keeps a plate full of
     active compounds from shrinking its own effects. Features whose control MAD is zero on some plate are dropped
-    first for mad_robustize and reported, because the division would blow them up.
+    first when the chain MAD-robustises, and reported, because the division would blow them up.
 
     Parameters
     ----------
     df:
         Well profiles with a ``plate`` column and finite features (see ``drop_incomplete``).
     method:
-        ``mad_robustize``, ``standardize`` or ``no_post_proc`` (alias ``none``: the profiles are returned as given).
+        A chain (``utils.profiles.chain``): ``mad_robustize``, ``standardize``, ``mad_robustize_spherize_harmony``,
+        ``jump``, a chain file, or ``no_post_proc`` (alias ``none``: the profiles are returned as given).
     control_query:
         A pandas query selecting the control wells; overrides ``controls``.
     controls:
         ``auto`` (``control_type == 'negcon'`` when annotated, else ``perturbation_id == 'DMSO'``), ``DMSO`` or
         ``negcon``.
+    batch_key:
+        The column a Harmony step corrects for.
 
     Returns
     -------
     tuple[pandas.DataFrame, dict]
-        The normalised profiles and a report (method, control query, features dropped and why) for run.json.
+        The normalised profiles and a report (method, control query, features dropped and why, the steps) for
+        run.json.
     """
     method = check_norm_method(method)
     report: dict[str, Any] = {"method": method}
-    if method == NO_NORMALISATION:
+    steps = parse_chain(method)
+    if not steps:
         return df, report
     features = feature_columns(df)
     meta = [c for c in df.columns if c not in features]
@@ -157,27 +163,32 @@ def normalize(df: pd.DataFrame, method: str = "mad_robustize", control_query: st
         plate = per_plate.index[int(np.argmax((per_plate < 2).to_numpy()))]
         raise DataError(f"{method}: plate {plate!r} has {int(per_plate[plate])} control well(s) matching {query!r} "
                         f"with segmented cells; need at least 2 (or use --norm_method {NO_NORMALISATION})")
-    if method == "mad_robustize":
+    if any(s.name == "mad_robustize" for s in steps):
         zero = set(_zero_mad_features(df, finite, ctrl))
         report["dropped_zero_mad_features"] = len(zero)
         finite = [f for f in finite if f not in zero]
     if not finite:
         raise DataError(f"{method}: no feature is finite in every well with a non-zero spread in the controls")
-    out, kept = normalize_profiles(df[[*meta, *finite]], finite, meta, method, query, scope="plate",
-                                   mad_reference="controls", variance_threshold=0.0)
-    report["dropped_constant_features"] = len(finite) - len(kept)
+    records: list[dict[str, Any]] = []
+    out, kept = normalize_profiles(df[[*meta, *finite]], finite, meta, method, query, mad_reference="controls",
+                                   variance_threshold=0.0, batch_key=batch_key, records=records)
+    report["dropped_constant_features"] = sum(r["dropped_by_variance_filter"] for r in records)
+    report["steps"] = records
     return out, report
+
+
+def chain_selects_features(method: str) -> bool:
+    """Whether a chain has its own feature_select step (then the baseline's trailing selection is skipped)."""
+    return any(s.name == "feature_select" for s in parse_chain(canonical_method(method)))
 
 
 def select_features(df: pd.DataFrame, operations: Sequence[str] = DEFAULT_SELECT,
                     corr_threshold: float = 0.9, na_cutoff: float = 0.05) -> pd.DataFrame:
     """pycytominer feature selection over all wells (CellProfiler profiling defaults)."""
-    # lazy: importing pycytominer costs ~1.5 s, which --help and the config checks must not pay
-    from pycytominer import feature_select
-
     check_select_operations(operations)
     features = feature_columns(df)
     if not operations or not features:
         return df
-    return feature_select(profiles=df, features=features, samples="all", operation=list(operations),
-                          corr_threshold=corr_threshold, na_cutoff=na_cutoff)
+    meta = [c for c in df.columns if c not in features]
+    selected, _, _ = select_profile_features(df, features, meta, operations, "all", corr_threshold, na_cutoff)
+    return selected

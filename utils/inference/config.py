@@ -24,7 +24,7 @@ from data.tiling import TileGrid
 from models.backbones import ARCHS
 from utils.errors import ConfigError
 from utils.precision import AUTO, DTYPES
-from utils.profiles import CONTROL_CHOICES, NORM_METHODS, OPERATIONS, SCOPES, canonical_method
+from utils.profiles import CONTROL_CHOICES, NORM_METHODS, OPERATIONS, SCOPES, canonical_method, parse_chain
 
 MODELS = ("dino", "mae", "simclr")
 POOLS = ("cls", "mean", "mean_prenorm")
@@ -74,6 +74,7 @@ class InferenceConfig:
     controls: str = "auto"
     control_query: str | None = None
     norm_scope: str = "paper"
+    batch_key: str = "batch"
     mad_reference: str = "all"
     device: str = "auto"
     precision: str = AUTO
@@ -100,8 +101,10 @@ class InferenceConfig:
             raise ConfigError(f"--model {self.model!r} is not one of {', '.join(MODELS)}")
         if self.operation not in OPERATIONS:
             raise ConfigError(f"--operation {self.operation!r} must be mean or median")
-        if self.norm_method not in (*NORM_METHODS, ALL_METHODS):
-            raise ConfigError(f"--norm_method {self.norm_method!r} is not one of {', '.join(NORM_METHODS)}, all")
+        if self.norm_method != ALL_METHODS:
+            parse_chain(self.norm_method)  # a chain name or file: unknown steps are a ConfigError naming them
+        if not self.batch_key:
+            raise ConfigError("--batch-key must name a metadata column")
         if self.size < 1 or (self.stride is not None and self.stride < 1):
             raise ConfigError("--size and --stride must be positive")
         if self.batch_size < 1:

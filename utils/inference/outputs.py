@@ -25,7 +25,7 @@ CELL_FILE = "cell_features.parquet"
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("torch", "timm", "numpy", "pandas", "pycytominer", "tifffile", "scikit-learn"):
+    for name in ("torch", "timm", "numpy", "pandas", "pycytominer", "harmonypy", "tifffile", "scikit-learn"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -112,11 +112,14 @@ def write_cells(table: pd.DataFrame, results: Iterable[PlateResult | None], path
 
 
 def normalise_wells(
-    wells: pd.DataFrame, feats: list[str], meta: list[str], method: str, control_query: str, cfg: InferenceConfig
+    wells: pd.DataFrame, feats: list[str], meta: list[str], method: str, control_query: str, cfg: InferenceConfig,
+    records: list[dict[str, Any]] | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """One normalisation method with the run's scope, MAD reference and L2 flag (inference and the training probe)."""
+    """One normalisation chain with the run's scope, MAD reference, batch key and L2 flag (inference and the
+    training probe); ``records`` receives one record per step for run.json."""
     return normalize_profiles(wells, feats, meta, method, control_query, scope=cfg.norm_scope,
-                              mad_reference=cfg.mad_reference, l2norm=cfg.l2norm)
+                              mad_reference=cfg.mad_reference, l2norm=cfg.l2norm, batch_key=cfg.batch_key,
+                              records=records)
 
 
 def drop_empty_wells(wells: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
@@ -129,20 +132,22 @@ def drop_empty_wells(wells: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, 
 
 def write_profiles(
     wells: pd.DataFrame, cfg: InferenceConfig, control_query: str, outdir: Path
-) -> tuple[dict[str, int], list[str]]:
+) -> tuple[dict[str, int], list[str], dict[str, list[dict[str, Any]]]]:
     """Normalise the wells with each requested method and write agg_features then well_features; returns the
-    number of features each method kept and the files written."""
+    number of features each method kept, the files written, and each method's step records."""
     feats = feature_columns(wells)
     meta = [c for c in wells.columns if c not in feats]
     methods = cfg.methods
     kept_counts: dict[str, int] = {}
     written: list[str] = []
+    steps: dict[str, list[dict[str, Any]]] = {}
     for method in tqdm(methods, desc="normalise", unit="method", disable=len(methods) == 1, leave=False):
         folder = outdir / method if cfg.norm_method == ALL_METHODS else outdir
-        norm, kept = normalise_wells(wells, feats, meta, method, control_query, cfg)
+        steps[method] = []
+        norm, kept = normalise_wells(wells, feats, meta, method, control_query, cfg, steps[method])
         agg = consensus(norm, kept, ["perturbation_id"], cfg.operation,
                         carry=("target", "control_type", "gene_group"))
         written += write_table(agg, folder, "agg_features", cfg.parquet)
         written += write_table(norm, folder, "well_features", cfg.parquet)
         kept_counts[method] = len(kept)
-    return kept_counts, written
+    return kept_counts, written, steps

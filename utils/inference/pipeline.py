@@ -185,7 +185,7 @@ def write_run(
     written = []
     if cfg.save_sites:
         written += write_table(sites, outdir, "site_features", cfg.parquet)
-    kept, written_norm = write_profiles(wells, cfg, control_query, outdir)
+    kept, written_norm, norm_steps = write_profiles(wells, cfg, control_query, outdir)
     written += written_norm
     if cfg.save_cells:
         plates = table["plate"].drop_duplicates()
@@ -211,6 +211,7 @@ def write_run(
         "n_wells": int(len(wells)),
         "n_features": len(feats),
         "features_kept": kept,
+        "normalisation": norm_steps,
         "feature_names": "emb0..emb{D-1}, unpadded like the paper",
         "skipped_files": skipped,
         "n_sites_without_valid_tiles": int(empty_sites),

@@ -1,6 +1,7 @@
-"""Normalisation of well profiles against controls: variance filter, pycytominer steps, scopes, L2 scaling.
+"""The paper's normalisation pieces: pycytominer steps with their scopes, the variance filter, L2 scaling.
 
 Every function takes explicit feature and metadata column lists, so nothing depends on column-name guessing.
+``utils.profiles.chain`` runs these (and the corrections of ``utils.profiles.corrections``) as named chains.
 
 Normalisation follows the paper (original_behaviour.md §4.4) unless told otherwise:
 - ``standardize``: per plate, fitted on the control wells;
@@ -9,6 +10,8 @@ Normalisation follows the paper (original_behaviour.md §4.4) unless told otherw
 - ``a_b`` runs ``a`` then ``b``; before every step, features whose population variance is <= 1e-5 in the control
   wells or in the non-control wells are dropped; ``no_post_proc`` returns the profiles unchanged.
 ``scope="plate"`` or ``"global"`` forces one scope on every step instead of the paper's per-method scopes.
+``NORM_METHODS`` lists the paper's methods (what ``--norm_method all`` writes); any chain of ``chain.STEPS`` is
+accepted besides.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from utils.errors import ConfigError, DataError
+from utils.errors import DataError
 from utils.profiles.aggregate import check_columns
 from utils.profiles.controls import control_mask
 
@@ -124,70 +127,3 @@ def normalize_step(
             raise DataError(f"{method} on {where} fitted on {n_ref} well(s) of {samples!r} failed: {detail}") from None
     out = pd.concat(parts).loc[df.index]
     return out[[*meta, *features]]
-
-
-def normalize_profiles(
-    df: pd.DataFrame,
-    features: Sequence[str],
-    meta: Sequence[str],
-    method: str,
-    control_query: str,
-    *,
-    scope: str = "paper",
-    mad_reference: str = "all",
-    l2norm: bool = False,
-    variance_threshold: float = VARIANCE_THRESHOLD,
-    plate_col: str = "plate",
-) -> tuple[pd.DataFrame, list[str]]:
-    """Apply a paper normalisation method (steps, variance filter, scopes) and return the table and kept features.
-
-    Parameters
-    ----------
-    df:
-        Well profiles: metadata and finite features (drop wells without valid tiles first).
-    features, meta:
-        The feature and metadata columns; only these are returned.
-    method:
-        A key of ``NORM_METHODS`` (or an alias such as ``none``): the pycytominer steps, in order.
-    control_query:
-        Pandas query selecting the negative-control wells (``utils.profiles.controls.resolve_control_query``).
-    scope:
-        ``paper`` (standardize/mad_robustize per plate, spherize pooled), ``plate`` or ``global`` for every step.
-    mad_reference:
-        mad_robustize statistics from ``all`` wells (the paper) or from the ``controls``.
-    l2norm:
-        Scale each profile (row) to unit L2 norm first.
-    variance_threshold:
-        Before each step, drop features with population variance at or below this in controls or non-controls.
-    plate_col:
-        The column that defines a plate for per-plate steps.
-    """
-    method = canonical_method(method)
-    if method not in NORM_METHODS:
-        raise ConfigError(f"--norm_method {method!r} is not one of {', '.join(NORM_METHODS)}")
-    if scope not in SCOPES:
-        raise ConfigError(f"--norm-scope {scope!r} is not one of {', '.join(SCOPES)}")
-    if mad_reference not in ("all", "controls"):
-        raise ConfigError(f"--mad-reference {mad_reference!r} is not one of all, controls")
-    features = list(features)
-    meta = list(meta)
-    check_columns(df, [*meta, *features], "normalisation")
-    if df[features].isna().to_numpy().any():
-        raise DataError("normalisation: profiles contain NaN features; drop wells without valid tiles first")
-    out = df[[*meta, *features]].reset_index(drop=True)
-    if l2norm:
-        out = l2_normalize_rows(out, features)
-    for step in NORM_METHODS[method]:
-        controls = control_mask(out, control_query)
-        if not controls.any():
-            raise DataError(f"{method}: no control wells match {control_query!r}")
-        features = variance_filter(out, features, controls, variance_threshold)
-        if not features:
-            raise DataError(f"{method}: every feature has variance <= {variance_threshold} before {step}")
-        spec = PAPER_STEPS[step]
-        if scope != "paper":
-            spec = StepSpec(scope, spec.reference)
-        if step == "mad_robustize" and mad_reference == "controls":
-            spec = StepSpec(spec.scope, "controls")
-        out = normalize_step(out[[*meta, *features]], features, meta, step, control_query, spec, plate_col)
-    return out, features
