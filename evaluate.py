@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--compare-to", dest="compare_to", nargs="+", default=[], metavar="NAME",
         help="baseline representation folders (e.g. Random CellProfiler): summary.md states every other "
              "representation's gain in target and replicate mAP over each, with the sign")
+    add("--sampled-p-values", action="store_true",
+        help="always sample the mAP null, as copairs does (default: exact p-values when a group has at most "
+             "--null-size rank arrangements)")
     add("--no-progress", action="store_true", help="hide progress bars")
     add("--no-figures", action="store_true", help="write the tables only")
     return p.parse_args(argv)
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         metadata_preset=args.metadata_preset, replicate_diffby=tuple(args.replicate_diffby),
         batch_classifier=args.batch_classifier, device=args.device or default_device(),
         progress=not args.no_progress, figures=not args.no_figures, compare_to=tuple(args.compare_to),
+        sampled_p_values=args.sampled_p_values,
     )
     run_evaluation(cfg)
     return 0

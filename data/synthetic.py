@@ -432,15 +432,18 @@ class Design:
         return self._z[(plate, well)]
 
 
-def _batch_nuisance(rng: np.random.Generator) -> dict[str, Any]:
+def _batch_nuisance(rng: np.random.Generator, strength: float = 1.0) -> dict[str, Any]:
+    """One batch's optics, camera and biological drift; ``strength`` scales the spread of gain, background and drift
+    across batches (1 is the default experiment; the batch-correction study uses stronger batches)."""
     nc = len(CHANNELS)
     return {
-        "gain": np.exp(rng.normal(0.0, 0.2, nc)).tolist(),
-        "background": (np.array([BACKGROUND_LEVEL[c] for c in CHANNELS]) * np.exp(rng.normal(0.0, 0.25, nc))).tolist(),
+        "gain": np.exp(rng.normal(0.0, 0.2 * strength, nc)).tolist(),
+        "background": (np.array([BACKGROUND_LEVEL[c] for c in CHANNELS])
+                       * np.exp(rng.normal(0.0, 0.25 * strength, nc))).tolist(),
         "vignette": float(rng.uniform(0.1, 0.35)),
         "blur": float(rng.uniform(0.3, 1.2)),
         "read_noise": float(rng.uniform(30.0, 60.0)),
-        "phenotype_offset": rng.normal(0.0, BATCH_DRIFT_SD, len(PARAMS)).tolist(),
+        "phenotype_offset": rng.normal(0.0, BATCH_DRIFT_SD * strength, len(PARAMS)).tolist(),
     }
 
 
@@ -514,9 +517,11 @@ def _assign_plates(n_compounds: int, replicates: int, capacity: list[int], rng: 
     return content
 
 
-def build_design(plates: int, batches: int, wells: int, seed: int) -> Design:
+def build_design(plates: int, batches: int, wells: int, seed: int, batch_strength: float = 1.0) -> Design:
     """Lay out the experiment deterministically from the seed, before any pixel is rendered."""
     _check_design_args(plates, batches, wells)
+    if not 0.0 <= batch_strength <= 10.0:
+        raise ConfigError(f"--batch-strength must be between 0 and 10, got {batch_strength}")
     rng = np.random.default_rng(sample_seed(seed, "synthetic-design"))
     n_neg = max(2, round(NEGCON_FRACTION * wells))
     n_pos = N_POSCONS if wells - n_neg >= 2 * N_POSCONS else 0
@@ -529,7 +534,7 @@ def build_design(plates: int, batches: int, wells: int, seed: int) -> Design:
     content = _assign_plates(n_compounds, replicates, [slots] * plates, rng)
 
     batch_names = [f"batch{b + 1:02d}" for b in range(batches)]
-    batch_info = {b: _batch_nuisance(rng) for b in batch_names}
+    batch_info = {b: _batch_nuisance(rng, batch_strength) for b in batch_names}
     plate_info: dict[str, dict[str, Any]] = {}
     rows = []
     for p in range(plates):
@@ -637,6 +642,7 @@ def ground_truth(design: Design, args: dict[str, Any]) -> dict[str, Any]:
 def generate_plates(
     out_dir: str | os.PathLike[str], *, plates: int = 4, batches: int = 2, wells: int = 48, sites: int = 2,
     size: int = 1080, seed: int = 0, layout: str = "merged", workers: int = 1, progress: bool = True,
+    batch_strength: float = 1.0,
 ) -> pd.DataFrame:
     """Write a synthetic experiment (images, dataset.csv, ground_truth.json) and return its site table."""
     if layout not in LAYOUTS:
@@ -650,7 +656,7 @@ def generate_plates(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    design = build_design(plates, batches, wells, seed)
+    design = build_design(plates, batches, wells, seed, batch_strength)
     ensure_dir(out)
     for stale in ("dataset.csv", "ground_truth.json"):  # a folder being regenerated must not look complete
         (out / stale).unlink(missing_ok=True)
@@ -675,7 +681,7 @@ def generate_plates(
     table = pd.DataFrame(rows)
     table.insert(table.columns.get_loc("control_type") + 1, "Otsu_th", np.round(otsu, 3))
     args = {"plates": plates, "batches": batches, "wells": wells, "sites": sites, "size": size, "seed": seed,
-            "layout": layout}
+            "layout": layout, "batch_strength": batch_strength}
     write_json_atomic(out / "ground_truth.json", ground_truth(design, args))
     write_csv_atomic(table, out / "dataset.csv")
     return table
@@ -695,10 +701,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layout", choices=LAYOUTS, default="merged",
                         help="merged: one (5,H,W) TIFF per site; per-channel: one TIFF per channel (JUMP)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel processes")
+    parser.add_argument("--batch-strength", type=float, default=1.0,
+                        help="scale of the batch-to-batch spread of gain, background and biological drift")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     table = generate_plates(args.out, plates=args.plates, batches=args.batches, wells=args.wells, sites=args.sites,
-                            size=args.size, seed=args.seed, layout=args.layout, workers=args.workers)
+                            size=args.size, seed=args.seed, layout=args.layout, workers=args.workers,
+                            batch_strength=args.batch_strength)
     elapsed = time.perf_counter() - start
     counts = table.drop_duplicates(["plate", "well"])["control_type"].value_counts()
     print(f"synthetic: {len(table)} sites ({args.plates} plate(s) in {args.batches} batch(es), "

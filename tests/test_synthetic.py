@@ -107,6 +107,22 @@ def test_ground_truth_matches_the_table(merged: Path) -> None:
         assert dict(zip(rows["well"], rows["perturbation_id"])) == info["layout"]
 
 
+def test_batch_strength_scales_the_batch_spread_and_one_is_the_default() -> None:
+    default = build_design(plates=8, batches=4, wells=32, seed=0)
+    same = build_design(plates=8, batches=4, wells=32, seed=0, batch_strength=1.0)
+    strong = build_design(plates=8, batches=4, wells=32, seed=0, batch_strength=3.0)
+    assert same.batches == default.batches
+    for b in default.batches:
+        for key in ("gain", "phenotype_offset"):
+            base = np.log(default.batches[b][key]) if key == "gain" else np.asarray(default.batches[b][key])
+            big = np.log(strong.batches[b][key]) if key == "gain" else np.asarray(strong.batches[b][key])
+            np.testing.assert_allclose(big, 3.0 * base, rtol=1e-9, atol=1e-12)  # the same draws, three times wider
+    layout = ["plate", "well", "perturbation_id"]
+    assert strong.wells[layout].equals(default.wells[layout])
+    with pytest.raises(ConfigError, match="--batch-strength"):
+        build_design(plates=2, batches=2, wells=32, seed=0, batch_strength=-1.0)
+
+
 def test_larger_design_groups_compounds_by_target_with_inactives() -> None:
     design = build_design(plates=4, batches=2, wells=96, seed=0)
     trt = {c: i for c, i in design.compounds.items() if i["control_type"] == "trt"}

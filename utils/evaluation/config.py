@@ -78,6 +78,7 @@ class EvalConfig:
     progress: bool = True
     figures: bool = True
     compare_to: tuple[str, ...] = ()
+    sampled_p_values: bool = False
 
     def __post_init__(self) -> None:
         """Normalise the types, then check every value, so a bad setting fails before any file is read."""

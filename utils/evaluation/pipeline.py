@@ -35,6 +35,7 @@ from utils.evaluation.metrics import (
     unit_rows,
     well_neighbour_stats,
 )
+from utils.evaluation.metrics.integration import batch_removal, bio_conservation, overall
 from utils.evaluation.report import RepResult, check_compare_to, write_outputs
 from utils.fileio import ensure_dir
 from utils.profiles.controls import control_mask, ids_query
@@ -130,9 +131,19 @@ def _task_map(meta: pd.DataFrame, x: np.ndarray, rules: PairRules, sameby: list[
     """Per-group mAP with p-values for one retrieval task, or an empty table plus a note when undefined."""
     ap = average_precision(meta, x, rules, device=cfg.device, progress=cfg.progress)
     ap = ap[keep]
-    res = mean_average_precision(ap, sameby, cfg.null_size, cfg.threshold, cfg.seed)
+    res = mean_average_precision(ap, sameby, cfg.null_size, cfg.threshold, cfg.seed, exact=not cfg.sampled_p_values)
     if res.empty:
         notes.append(f"{task} retrieval: no profile has both positive and negative pairs")
+    else:
+        n_exact = int((res["p_value_method"] == "exact").sum())
+        if n_exact:
+            notes.append(f"{task} retrieval: {n_exact} of {len(res)} group(s) have at most {cfg.null_size} rank "
+                         "arrangements and got exact p-values")
+        stuck = ~res["can_pass"].astype(bool)
+        if stuck.any():
+            notes.append(f"{task} retrieval: {int(stuck.sum())} of {len(res)} group(s) cannot reach p < "
+                         f"{cfg.threshold} (smallest reachable p {res.loc[stuck, 'min_p_value'].min():.3g}); "
+                         "they count as not retrieved")
     res = res.rename(columns={sameby[0]: "group"})
     res.insert(0, "task", task)
     res.insert(0, "label", name)
@@ -215,6 +226,12 @@ def evaluate_representation(rep: Representation, cfg: EvalConfig) -> RepResult:
         if why:
             notes.append(f"silhouette by {key}: {why}")
     well.setdefault("silhouette_target", np.nan)
+    removal, why = batch_removal(unit, batch, target if labelled else np.full(len(wm), -1), stats.silhouette["batch"],
+                                 float(well["batch_bal_acc"]))
+    notes += why
+    well.update({f"batch_removal_{k}" if k != "batch_score" else k: v for k, v in removal.items()})
+    well["bio_score"] = bio_conservation({k: float(well[f"{k}_mAP"]) for k in ("replicate", lab)})
+    well["overall_score"] = overall(float(well["batch_score"]), float(well["bio_score"]))
     well.update({
         "feature_set": rep.kind, "n_features": len(rep.features), "n_wells": len(wm),
         "n_perturbations": int(len(counts)), "nsp_mode": cfg.nsp_mode, "notes": "; ".join(notes),
@@ -243,11 +260,14 @@ def consensus_profiles(rep: Representation, cfg: EvalConfig, notes: list[str]) -
 
 
 def map_columns(map_df: pd.DataFrame, lab: str) -> dict[str, float]:
-    """replicate_/<label>_ mAP, normalised mAP and fraction retrieved: means over the groups of each task."""
+    """replicate_/<label>_ mAP, median-AP aggregate, normalised mAP and fraction retrieved: means over the groups of
+    each task."""
     out = {}
     for task in ("replicate", lab):
         part = map_df[map_df["task"] == task] if not map_df.empty else map_df
         out[f"{task}_mAP"] = float(part["mean_average_precision"].mean()) if len(part) else np.nan
+        # the mean over groups of each group's median AP: robust to a group's one outlying profile
+        out[f"{task}_median_mAP"] = float(part["median_average_precision"].mean()) if len(part) else np.nan
         out[f"{task}_nmAP"] = float(part["mean_normalized_average_precision"].mean()) if len(part) else np.nan
         out[f"{task}_fraction_retrieved"] = float(part["below_corrected_p"].mean()) if len(part) else np.nan
     return out
@@ -278,7 +298,8 @@ def retrieval_maps(rep: Representation, cfg: EvalConfig, is_ctrl: np.ndarray | N
     -------
     pandas.DataFrame
         One row per group and task (``replicate``, then the label): label, task, group, mean_average_precision,
-        mean_normalized_average_precision, n_profiles, p_value, corrected_p_value, below_p, below_corrected_p.
+        median_average_precision, mean_normalized_average_precision, n_profiles, p_value, p_value_method,
+        min_p_value, can_pass, corrected_p_value, below_p, below_corrected_p.
         Empty when neither task is defined.
     """
     notes = [] if notes is None else notes

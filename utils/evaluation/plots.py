@@ -83,6 +83,33 @@ def map_vs_accuracy(points: pd.DataFrame, x: str, y: str, stem: Path, title: str
     return save_figure(fig, stem)
 
 
+def batch_vs_bio(points: pd.DataFrame, stem: Path) -> list[Path]:
+    """Batch-removal score against biology score, one labelled point per representation (and correction), with
+    iso-lines of the overall score 0.4 x batch + 0.6 x bio; up and right is better."""
+    colors = representation_colors(points["label"])
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ok = points[["batch_score", "bio_score"]].notna().all(axis=1)
+    grid = np.linspace(0, 1, 101)
+    for level in (0.2, 0.4, 0.6, 0.8):
+        ax.plot(grid, (level - 0.4 * grid) / 0.6, ":", color="grey", lw=0.8)
+        ax.annotate(f"overall {level}", ((level - 0.6) / 0.4 if level > 0.6 else 0.02,
+                                         min(level / 0.6, 1.0) - 0.03), fontsize=6, color="grey")
+    for _, row in points[ok].iterrows():
+        ax.scatter(row["batch_score"], row["bio_score"], color=colors[row["label"]], s=60, edgecolor="black",
+                   label=row["label"])
+        ax.annotate(str(row["label"]), (row["batch_score"], row["bio_score"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    _note_if_empty(ax, not ok.any(), "batch or biology score undefined for every representation")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, max(1e-3, float(points.loc[ok, "bio_score"].max()) * 1.2) if ok.any() else 1)
+    ax.set_xlabel("batch removal score (1 = no batch signal)")
+    ax.set_ylabel("biology score (mean retrieval mAP)")
+    ax.set_title("batch removal against biology conservation")
+    if ok.any():
+        ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return save_figure(fig, stem)
+
+
 def pr_curves(curves_k: pd.DataFrame, curves_d: pd.DataFrame, stem: Path, title: str) -> list[Path]:
     """Micro and macro precision-recall curves over k and over distance thresholds, one line per representation."""
     colors = representation_colors(pd.concat([curves_k["label"], curves_d["label"]]))

@@ -5,6 +5,7 @@ Every file is written atomically, so an interrupted run never leaves a half-writ
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ def summary_markdown(well: pd.DataFrame, cfg: EvalConfig) -> str:
     cols = ["label", "feature_set", "n_wells", "pert_acc", "pert_acc_NSB", f"{lab}_acc_NSP", f"{lab}_acc_NSBP",
             "percent_95", "pert_mAP", f"{lab}_level_mAP", "replicate_mAP", "replicate_fraction_retrieved",
             f"{lab}_mAP", f"{lab}_fraction_retrieved", "batch_bal_acc", "batch_mcc", "silhouette_batch",
-            "silhouette_target"]
+            "silhouette_target", "batch_score", "bio_score", "overall_score"]
     lines = [f"# Evaluation of {cfg.input_dir}", "", f"NSP mode: {cfg.nsp_mode}; seed {cfg.seed}; "
              f"null size {cfg.null_size}. Metric definitions: docs/EVALUATION.md.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -120,6 +121,9 @@ def write_outputs(results: dict[str, RepResult], cfg: EvalConfig) -> list[Path]:
         write_csv_atomic(df, out / fname)
         written.append(out / fname)
     write_text_atomic(out / "summary.md", summary_markdown(well, cfg))
+    for _, row in well.iterrows():
+        print(f"[{row['label']}] batch {row['batch_score']:.3f} bio {row['bio_score']:.3f} overall "
+              f"{row['overall_score']:.3f} (0.4 x batch + 0.6 x bio)", file=sys.stderr)
     written.append(out / "summary.md")
     if cfg.figures:
         written += write_figures(results, well, frames, map_df, cfg)
@@ -149,6 +153,7 @@ def write_figures(results: dict[str, RepResult], well: pd.DataFrame, frames: dic
     for task in ("replicate", lab) if labelled else ("replicate",):
         part = map_df[map_df["task"] == task] if not map_df.empty else map_df
         written += plots.map_per_group(part, fig / f"map_{task}", f"{task} retrieval mAP")
+    written += plots.batch_vs_bio(well, fig / "batch_vs_bio")
     if labelled:
         written += plots.consensus_pca({n: r.consensus for n, r in results.items()}, fig / f"consensus_pca_{lab}")
     return written

@@ -254,7 +254,8 @@ def _harmony(df: pd.DataFrame, features: list[str], meta: list[str], step: Step,
                 nclust=None if nclust is None else int(nclust), theta=step.param("theta"))
     out = df.copy()
     out[features] = z
-    return out, features, {"batch_key": key, "n_batches": int(df[key].nunique())}
+    return out, features, {"batch_key": key, "n_batches": int(df[key].nunique()),
+                           "nclust": int(nclust) if nclust is not None else max(1, min(round(len(df) / 30), 100))}
 
 
 STEPS: dict[str, StepKind] = {

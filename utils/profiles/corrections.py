@@ -169,7 +169,8 @@ def harmony(x: np.ndarray, batches: pd.Series, seed: int = 0, max_iter: int = 20
             theta: float | None = None) -> np.ndarray:
     """Harmony-corrected profiles (harmonypy), one row per well, same number of features.
 
-    ``nclust`` defaults to harmonypy's rule (min(N / 30, 100)); JUMP used 300 for its 100k+ compound wells.
+    ``nclust`` defaults to harmonypy's rule (min(N / 30, 100), at least 1); JUMP used 300 for its 100k+ compound
+    wells.
     """
     # lazy: harmonypy loads its compiled backend (~0.3 s), and only chains with a harmony step need it
     import harmonypy
@@ -179,12 +180,20 @@ def harmony(x: np.ndarray, batches: pd.Series, seed: int = 0, max_iter: int = 20
     if batches.isna().any():
         raise DataError(f"harmony: the batch key {batches.name!r} has missing values")
     meta = pd.DataFrame({"key": batches.astype(str).to_numpy()})
-    kwargs: dict[str, object] = {"max_iter_harmony": max_iter, "random_state": seed, "verbose": False}
-    if nclust is not None:
-        kwargs["nclust"] = int(nclust)
+    # harmonypy's default, min(N / 30, 100) clusters, is 0 below 15 wells; one cluster is per-batch centring
+    clusters = max(1, min(round(len(x) / 30), 100)) if nclust is None else int(nclust)
+    if not 1 <= clusters <= len(x):
+        raise DataError(f"harmony: nclust {clusters} must be between 1 and the number of wells ({len(x)})")
+    kwargs: dict[str, object] = {"max_iter_harmony": max_iter, "random_state": seed, "verbose": False,
+                                 "nclust": clusters}
     if theta is not None:
         kwargs["theta"] = float(theta)
-    z = np.asarray(harmonypy.run_harmony(np.ascontiguousarray(x, dtype=np.float64), meta, ["key"], **kwargs).Z_corr)
+    try:
+        result = harmonypy.run_harmony(np.ascontiguousarray(x, dtype=np.float64), meta, ["key"], **kwargs)
+    except (ValueError, np.linalg.LinAlgError, RuntimeError) as exc:
+        raise DataError(f"harmony on {len(x)} wells x {x.shape[1]} features failed: "
+                        f"{str(exc).splitlines()[0][:200]}") from None
+    z = np.asarray(result.Z_corr)
     if z.shape != x.shape:  # harmonypy < 2 returned (features, wells); requirements pin >= 2
         raise DataError(f"harmony: harmonypy returned shape {z.shape} for input {x.shape}; upgrade harmonypy to >= 2")
     return z

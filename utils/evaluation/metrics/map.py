@@ -24,6 +24,7 @@ from utils.evaluation.metrics._blocks import (
     sorted_relevance,
     unit_rows,
 )
+from utils.evaluation.metrics.exact import exact_p_value, log_arrangements
 
 AP_BLOCK_ROWS = 256
 NULL_CHUNK_BYTES = 64 * 1024**2
@@ -222,12 +223,17 @@ def mean_average_precision(
     null_size: int,
     threshold: float,
     seed: int,
+    exact: bool = True,
 ) -> pd.DataFrame:
-    """Group mAP with permutation p-values and BH correction, as copairs.map.mean_average_precision.
+    """Group mAP with permutation p-values and BH correction, as copairs.map.mean_average_precision, and exact
+    p-values where the null is smaller than the permutation budget.
 
     The null of a group is the mean of its members' null APs (same draws as copairs) and
     p = (1 + #{null > mAP}) / (1 + null_size), so a group is called retrieved on the same evidence copairs would use.
-    Groups are reduced with one add.reduceat, not a loop.
+    Groups are reduced with one add.reduceat, not a loop. When a group's members have at most ``null_size``
+    arrangements in all (the product of C(n_total, n_pos)), sampling only re-draws them and its floor
+    1/(null_size + 1) is unreachable (a group whose members are all positives got p = 1/(null_size + 1) for a
+    certain AP of 1), so with ``exact`` its p-value is P(null mean AP >= mAP), enumerated (``metrics/exact.py``).
 
     Parameters
     ----------
@@ -241,21 +247,29 @@ def mean_average_precision(
         Significance level for ``below_p`` and ``below_corrected_p``.
     seed:
         Seed of the null draws; the same seed gives copairs' nulls.
+    exact:
+        Exact p-values for groups with at most ``null_size`` arrangements; False gives copairs' numbers throughout.
 
     Returns
     -------
     pandas.DataFrame
-        One row per group (sorted by ``sameby``): mean_average_precision, mean_normalized_average_precision,
-        n_profiles, p_value, corrected_p_value (BH), below_p and below_corrected_p.
+        One row per group (sorted by ``sameby``): mean_average_precision, median_average_precision,
+        mean_normalized_average_precision, n_profiles, p_value, p_value_method (exact or sampled), min_p_value
+        (the smallest p the group could reach), can_pass (min_p_value < threshold), corrected_p_value (BH),
+        below_p and below_corrected_p.
     """
     sameby = list(sameby)
     valid = ap_scores[ap_scores["average_precision"].notna() & (ap_scores["n_pos_pairs"] > 0)]
     valid = valid.reset_index(drop=True).copy()
     cols = sameby + [
         "mean_average_precision",
+        "median_average_precision",
         "mean_normalized_average_precision",
         "n_profiles",
         "p_value",
+        "p_value_method",
+        "min_p_value",
+        "can_pass",
         "corrected_p_value",
         "below_p",
         "below_corrected_p",
@@ -268,6 +282,7 @@ def mean_average_precision(
     grouped = valid.groupby(sameby, observed=True, sort=True)
     scores = grouped.agg(
         mean_average_precision=("average_precision", "mean"),
+        median_average_precision=("average_precision", "median"),
         mean_normalized_average_precision=("normalized_average_precision", "mean"),
         n_profiles=("average_precision", "size"),
     ).reset_index()
@@ -297,8 +312,12 @@ def mean_average_precision(
     while u0 < len(seq_len):
         u1 = max(u0 + 1, int(np.searchsorted(seq_start + seq_len, seq_start[u0] + per_chunk, side="right")))
         rows = rows_all[seq_start[u0] : seq_start[u1 - 1] + seq_len[u1 - 1]]
-        sums = np.add.reduceat(nulls[rows], seq_start[u0:u1] - seq_start[u0], axis=0)
-        means = (sums.astype(np.float64) / seq_len[u0:u1, None]).astype(np.float32)
+        block, offs, lens = nulls[rows], seq_start[u0:u1] - seq_start[u0], seq_len[u0:u1]
+        means = np.empty((u1 - u0, null_size), dtype=np.float32)
+        for size in np.unique(lens):
+            sel = np.flatnonzero(lens == size)
+            # numpy.mean over the members, as copairs reduces them: float32, in its summation order, to the bit
+            means[sel] = block[offs[sel][:, None] + np.arange(size)].mean(axis=1)
         means.sort(axis=1)
         lo, hi = np.searchsorted(seq_id[by_seq], [u0, u1])
         groups = by_seq[lo:hi]
@@ -307,6 +326,17 @@ def mean_average_precision(
         num[groups] = null_size - below
         u0 = u1
     scores["p_value"] = (num + 1) / (null_size + 1)
+    scores["p_value_method"] = "sampled"
+    scores["min_p_value"] = 1.0 / (null_size + 1)
+    if exact:
+        member_confs = confs[conf_of]
+        log_count = np.add.reduceat(log_arrangements(member_confs[:, 0], member_confs[:, 1]), starts)
+        for g in np.flatnonzero(log_count <= np.log(null_size) + 1e-9):
+            key = tuple(sorted(tuple(int(v) for v in c) for c in member_confs[starts[g]:ends[g]]))
+            p, floor = exact_p_value(float(observed[g]), key)
+            scores.loc[g, ["p_value", "min_p_value"]] = p, floor
+            scores.loc[g, "p_value_method"] = "exact"
+    scores["can_pass"] = scores["min_p_value"] < threshold
     scores["corrected_p_value"] = benjamini_hochberg(scores["p_value"].to_numpy())
     scores["below_p"] = scores["p_value"] < threshold
     scores["below_corrected_p"] = scores["corrected_p_value"] < threshold
