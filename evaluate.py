@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--sampled-p-values", action="store_true",
         help="always sample the mAP null, as copairs does (default: exact p-values when a group has at most "
              "--null-size rank arrangements)")
+    add("--allow-different-wells", action="store_true",
+        help="score each representation on all of its own wells, with a warning, instead of on the (plate, well) "
+             "keys every representation shares (the default, so their numbers are comparable)")
     add("--no-progress", action="store_true", help="hide progress bars")
     add("--no-figures", action="store_true", help="write the tables only")
     return p.parse_args(argv)
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         metadata_preset=args.metadata_preset, replicate_diffby=tuple(args.replicate_diffby),
         batch_classifier=args.batch_classifier, device=args.device or default_device(),
         progress=not args.no_progress, figures=not args.no_figures, compare_to=tuple(args.compare_to),
-        sampled_p_values=args.sampled_p_values,
+        sampled_p_values=args.sampled_p_values, allow_different_wells=args.allow_different_wells,
     )
     run_evaluation(cfg)
     return 0

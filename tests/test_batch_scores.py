@@ -11,7 +11,6 @@ import pytest
 from sklearn.metrics import silhouette_samples
 
 from utils.evaluation import EvalConfig, run_evaluation
-from utils.evaluation.pipeline import zscore
 from utils.evaluation.metrics.integration import (
     batch_removal,
     classifier_score,
@@ -20,6 +19,7 @@ from utils.evaluation.metrics.integration import (
     knn_indices,
     overall,
 )
+from utils.evaluation.pipeline import zscore
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

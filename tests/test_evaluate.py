@@ -74,7 +74,8 @@ def test_paper_release_layout_end_to_end(tmp_path: Path) -> None:
     dino = well.set_index("label").loc["DINO"]
     assert dino["pert_acc"] > 0.8 and dino["target_acc_NSP"] > 0.6 and dino["replicate_fraction_retrieved"] > 0.5
     assert dino["n_features"] == 12 and dino["n_wells"] == N_PERT * BATCHES * PLATES
-    num = well.select_dtypes("number").drop(columns=["n_features", "n_wells", "n_perturbations"])
+    num = well.select_dtypes("number").drop(columns=["n_features", "n_wells", "n_perturbations", "n_wells_input",
+                                                     "n_wells_dropped_to_common"])
     assert ((num.fillna(0) >= -1) & (num.fillna(0) <= 1)).all(axis=None)
     k = pd.read_csv(d / "pert_prec_recall_k.csv")
     assert list(k.columns[:10]) == ["k", "avg_precision_micro", "avg_recall_micro", "avg_f1_micro",
@@ -103,6 +104,7 @@ def test_nsp_mode_well_position_differs_when_layout_is_not_fixed(tmp_path: Path)
         shutil.rmtree(d / sub)
     path = d / "DINO" / "well_features.csv"
     df = pd.read_csv(path, index_col=0)
+    df = df.drop(columns=["plate"])  # one position per plate would repeat (plate, well), an error now
     df["well"] = "A01"  # every well at one position: the paper's NSP excludes everything
     df.to_csv(path)
     _run(["-b", str(tmp_path / "embeddings"), "-i", "singlesource", "--out", str(tmp_path / "a"), "--no-figures"])

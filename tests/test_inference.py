@@ -28,6 +28,7 @@ from utils.cli import run_cli
 from utils.errors import ConfigError, DataError
 from utils.inference import InferenceConfig, pipeline
 from utils.inference.context import resolve_device
+from utils.profiles.correct import CorrectConfig, correct_profiles
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE = 32
@@ -119,6 +120,19 @@ def test_default_normalisation_and_all_methods(
     pd.testing.assert_frame_equal(default, from_all)
     run = json.loads((tmp_path / "default" / "run.json").read_text())
     assert run["flags"]["norm_method"] == "spherize_mad_robustize" and run["control_query"] == "well == well"
+    # a chain with Harmony on the plate key: run.json records every step, and the table is the one
+    # python -m utils.profiles makes from the raw wells
+    _run(wide, ckpt, tmp_path / "raw", "--norm_method", "none", *controls)
+    _run(wide, ckpt, tmp_path / "chain", "--norm_method", "standardize_harmony", "--batch-key", "plate", *controls)
+    steps = json.loads((tmp_path / "chain" / "run.json").read_text())["normalisation"]["standardize_harmony"]
+    assert [s["step"] for s in steps] == ["standardize", "harmony"] and steps[1]["batch_key"] == "plate"
+    corrected = correct_profiles(CorrectConfig(input=str(tmp_path / "raw" / "well_features.csv"),
+                                               outdir=str(tmp_path / "offline"), norm_method="standardize_harmony",
+                                               batch_key="plate", control_query="well == well"))
+    assert corrected["steps"][1]["n_batches"] == 2
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "chain" / "well_features.csv"),
+                                  pd.read_csv(tmp_path / "offline" / "well_features.csv"), check_exact=False,
+                                  atol=1e-5)  # the raw wells went through a float32 CSV
 
 
 def _corrupt(data: Path) -> Path:

@@ -16,6 +16,7 @@ from utils.errors import ConfigError
 from utils.evaluation.metrics.batch import BATCH_CLASSIFIERS
 
 NSP_MODES = ("perturbation", "well_position")
+DEFAULT_CONTROLS: tuple[str, ...] = ("DMSO",)  # may be absent from a table whose control_type marks negcon wells
 METADATA_PRESETS: dict[str, dict[str, str]] = {
     "none": {},
     "pycytominer": {
@@ -69,7 +70,7 @@ class EvalConfig:
     null_size: int = 10000
     replicate_null_size: int = 1000
     threshold: float = 0.05
-    controls: tuple[str, ...] = ("DMSO",)
+    controls: tuple[str, ...] = DEFAULT_CONTROLS
     column_map: Mapping[str, str] | Sequence[tuple[str, str]] = field(default_factory=dict)  # a dict once built
     metadata_preset: str = "none"
     replicate_diffby: tuple[str, ...] = ()
@@ -79,6 +80,7 @@ class EvalConfig:
     figures: bool = True
     compare_to: tuple[str, ...] = ()
     sampled_p_values: bool = False
+    allow_different_wells: bool = False  # score each representation on its own wells (not comparable; warned)
 
     def __post_init__(self) -> None:
         """Normalise the types, then check every value, so a bad setting fails before any file is read."""

@@ -6,8 +6,13 @@ than as a NaN (or a wrong number) in the results.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import csv
+import gzip
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +20,12 @@ import pandas as pd
 
 from data.metadata import apply_column_map as apply_explicit_map
 from utils.errors import DataError
-from utils.evaluation.config import METADATA_PRESETS, EvalConfig
+from utils.evaluation.config import DEFAULT_CONTROLS, METADATA_PRESETS, EvalConfig
 from utils.profiles.features import detect_features
 
 WELL_FILES = ("well_features.csv", "well_features.csv.gz", "well_features.parquet")
 SKIP_DIRS = {"figures"}
+WELL_KEY = ("plate", "well")  # what one well is, across representations of the same plates
 
 
 @dataclass
@@ -71,12 +77,67 @@ def required_columns(cfg: EvalConfig) -> list[str]:
     return cols + ["control_type"] if cfg.orf else cols
 
 
+def _some(values: Iterable[object], n: int = 5) -> str:
+    """The first ``n`` values joined by commas, with an ellipsis when there are more (for one-line errors)."""
+    values = [str(v) for v in values]
+    return ", ".join(values[:n]) + (", ..." if len(values) > n else "")
+
+
+def header_columns(path: Path) -> list[str]:
+    """The column names exactly as the file spells them.
+
+    pandas renames a repeated CSV name to ``name.1``, so a duplicated feature or metadata column would be read as
+    two different columns without a word; only the header itself shows the repetition.
+    """
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # lazy: only parquet inputs need it
+
+        return [str(n) for n in pq.read_schema(path).names]
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8-sig", errors="replace") as fh:
+        return next(csv.reader(fh), [])
+
+
+def check_unique_columns(columns: Sequence[object], source: object) -> None:
+    """Reject repeated column names (blank ones are pandas index columns and are dropped anyway)."""
+    counts = Counter(str(c) for c in columns if str(c).strip())
+    dup = [name for name, k in counts.items() if k > 1]
+    if dup:
+        raise DataError(f"{source}: duplicated column name(s) in the header: {_some(dup)} "
+                        "(each column must appear once; pandas would silently rename the copies)")
+
+
+def check_unique_wells(df: pd.DataFrame, source: object) -> None:
+    """Reject a (plate, well) that appears on more than one row.
+
+    A repeated well is its own nearest neighbour, which inflates every accuracy and mAP (a site-level or
+    concatenated table looks like a well table otherwise). Tables without a plate column cannot be checked:
+    one well name recurs on every plate of a batch.
+    """
+    if "plate" not in df.columns:
+        return
+    keys = df[list(WELL_KEY)].astype(str)
+    extra = keys.duplicated()
+    if extra.any():
+        pairs = keys[keys.duplicated(keep=False)].drop_duplicates()
+        first = _some((f"{p}/{w}" for p, w in pairs.itertuples(index=False)), 3)
+        raise DataError(f"{source}: {int(extra.sum())} duplicated (plate, well) row(s) over {len(pairs)} well(s), "
+                        f"first {first}: each well must appear once (aggregate sites to wells first)")
+
+
 def load_representation(name: str, path: Path, cfg: EvalConfig) -> Representation:
     """Read one well table, map metadata names, pick features, and reject what would give wrong numbers."""
+    kind = "parquet file" if path.suffix == ".parquet" else "CSV"
+    errors = (OSError, ValueError, csv.Error, pd.errors.ParserError, UnicodeDecodeError)
+    try:
+        header = header_columns(path)
+    except errors as exc:
+        raise DataError(f"{path}: cannot read {kind} ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
+    check_unique_columns(header, path)  # before reading: pandas renames CSV copies, and pyarrow fails on them
     try:
         df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, low_memory=False)
-    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read CSV ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
+    except errors as exc:
+        raise DataError(f"{path}: cannot read {kind} ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
     df = df.drop(columns=[c for c in df.columns if str(c).startswith("Unnamed: ")])
     df = apply_column_map(df, cfg.column_map, cfg.metadata_preset, str(path))
     return representation_from_frame(name, df, cfg, path)
@@ -88,6 +149,7 @@ def representation_from_frame(name: str, df: pd.DataFrame, cfg: EvalConfig, path
     ``load_representation`` reads files through this, and the training probe hands it the frame it embedded, so
     both are checked and scored by the same code.
     """
+    check_unique_columns(list(df.columns), path)
     missing = [c for c in required_columns(cfg) if c not in df.columns]
     if missing:
         raise DataError(
@@ -111,7 +173,89 @@ def representation_from_frame(name: str, df: pd.DataFrame, cfg: EvalConfig, path
         if df[col].isna().any():
             first = int(np.argmax(df[col].isna().to_numpy())) + 2
             raise DataError(f"{path}: column {col} has missing values (first at CSV row {first})")
+    check_unique_wells(df, path)
     meta = df.drop(columns=features).reset_index(drop=True)
     if cfg.label not in meta.columns:
         meta[cfg.label] = pd.Series(pd.NA, index=meta.index, dtype="string")
     return Representation(name=name, path=path, meta=meta, x=x, features=features, kind=kind)
+
+
+def check_controls(rep: Representation, cfg: EvalConfig) -> None:
+    """Reject a control selection that selects nothing, or a ``--controls`` value that matches no well.
+
+    Controls are ``perturbation_id`` in ``cfg.controls``, or ``control_type == negcon`` where annotated
+    (``utils.profiles.controls.ids_query``). A misspelt id used to be accepted: the negcon wells (or none at all)
+    stood in for it and the run reported the default's numbers. The default id (DMSO) may be absent when
+    ``control_type`` marks the negcon wells, as in ORF sets.
+    """
+    ids = rep.meta["perturbation_id"].astype(str)
+    present = set(ids)
+    common = ids.value_counts().index  # the most frequent first: controls usually are
+    absent = [c for c in cfg.controls if str(c) not in present]
+    negcon = "control_type" in rep.meta.columns and bool((rep.meta["control_type"].astype(str) == "negcon").any())
+    if absent and (tuple(cfg.controls) != DEFAULT_CONTROLS or not negcon):
+        raise DataError(f"{rep.path}: --controls {' '.join(map(str, absent))} match(es) no well's perturbation_id "
+                        f"(values present include {_some(common)})")
+
+
+def _well_index(rep: Representation) -> pd.MultiIndex:
+    """The (plate, well) keys of a representation's rows, as text, so 1 and "1" name the same plate."""
+    return pd.MultiIndex.from_frame(rep.meta[list(WELL_KEY)].astype(str))
+
+
+WellCounts = dict[str, dict[str, int | None]]  # per representation: n_wells_input, n_wells_dropped_to_common
+
+
+def align_wells(reps: list[Representation], cfg: EvalConfig) -> tuple[list[Representation], WellCounts]:
+    """Restrict several representations to the (plate, well) keys they all have, so their numbers are comparable.
+
+    Every metric depends on which wells take part (a lost well removes a neighbour and a replicate), so scoring
+    56 wells against 36 ranks the sets, not the representations. With ``cfg.allow_different_wells`` each keeps
+    its own wells and a warning names the counts.
+
+    Returns
+    -------
+    tuple
+        The representations (rows outside the shared keys removed, order kept) and, per name, ``n_wells_input``
+        (rows read, controls included) and ``n_wells_dropped_to_common`` (rows removed here; None when some table
+        has no plate column, so nothing could be matched). DataError when no key is shared, or when the counts
+        differ and some table has no plate column to match wells by.
+    """
+    counts: WellCounts = {r.name: {"n_wells_input": len(r.meta), "n_wells_dropped_to_common": 0} for r in reps}
+    if len(reps) < 2:
+        return reps, counts
+    sizes = ", ".join(f"{r.name} {len(r.meta)}" for r in reps)
+    no_plate = [r.name for r in reps if "plate" not in r.meta.columns]
+    if no_plate:
+        if len({len(r.meta) for r in reps}) == 1 or cfg.allow_different_wells:
+            print(f"evaluate: {', '.join(no_plate)} without a plate column: wells cannot be matched, so each "
+                  f"representation is scored on its own wells ({sizes})", file=sys.stderr)
+            for c in counts.values():
+                c["n_wells_dropped_to_common"] = None  # unknown, not zero: nothing was matched
+            return reps, counts
+        raise DataError(f"cannot match wells across representations: {', '.join(no_plate)} without a plate column "
+                        f"and the well counts differ ({sizes}); add one (e.g. --map Metadata_Plate=plate) or pass "
+                        "--allow-different-wells")
+    keys = [_well_index(r) for r in reps]
+    common = keys[0]
+    for k in keys[1:]:
+        common = common.intersection(k)
+    if cfg.allow_different_wells:
+        if any(len(k) != len(common) for k in keys):
+            warnings.warn(f"--allow-different-wells: representations scored on different wells ({sizes}; "
+                          f"{len(common)} shared), so their numbers are not comparable", stacklevel=2)
+        return reps, counts
+    if len(common) == 0:
+        first = "; ".join(f"{r.name} e.g. {'/'.join(k[0])}" for r, k in zip(reps, keys))
+        raise DataError(f"no (plate, well) is shared by all representations ({sizes} wells; {first}): were they "
+                        "computed on the same plates? (--allow-different-wells scores each on its own)")
+    aligned = []
+    for rep, k in zip(reps, keys):
+        keep = k.isin(common)
+        counts[rep.name]["n_wells_dropped_to_common"] = int((~keep).sum())
+        aligned.append(rep if keep.all() else
+                       replace(rep, meta=rep.meta[keep].reset_index(drop=True), x=rep.x[keep]))
+    lost = ", ".join(f"{n} lost {c['n_wells_dropped_to_common']}" for n, c in counts.items())
+    print(f"evaluate: comparing {len(reps)} representations on the {len(common)} wells they share ({lost})",
+          file=sys.stderr)
+    return aligned, counts

@@ -16,7 +16,13 @@ import pandas as pd
 
 from utils.errors import DataError
 from utils.evaluation.config import EvalConfig
-from utils.evaluation.loading import Representation, discover_representations, load_representation
+from utils.evaluation.loading import (
+    Representation,
+    align_wells,
+    check_controls,
+    discover_representations,
+    load_representation,
+)
 from utils.evaluation.metrics import (
     NNTask,
     PairRules,
@@ -329,8 +335,11 @@ def retrieval_maps(rep: Representation, cfg: EvalConfig, is_ctrl: np.ndarray | N
 def run_evaluation(cfg: EvalConfig) -> Path:
     """Load, evaluate and write every representation of ``cfg.input_dir``; returns the output folder.
 
-    Folders are listed and ``--compare-to`` is checked before anything is written, so a typo in a baseline name
-    leaves no half-filled output folder behind.
+    Folders are listed, ``--compare-to`` is checked and every table is loaded and checked (``check_controls``)
+    before the output folder is made, so a typo or a bad table leaves no half-filled output folder behind. With
+    more than one representation, all are scored on the (plate, well) keys they share (``align_wells``;
+    ``cfg.allow_different_wells`` keeps each one's own wells, with a warning), so all tables are held in memory
+    together.
 
     Parameters
     ----------
@@ -347,12 +356,19 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     start = time.perf_counter()
     found = discover_representations(cfg.input_dir)
     check_compare_to(cfg, [name for name, _ in found])
-    ensure_dir(cfg.out_dir)
-    results = {}
+    reps = []
     for name, path in found:
         rep = load_representation(name, path, cfg)
+        check_controls(rep, cfg)
         print(f"[{name}] {rep.kind}: {len(rep.meta)} wells x {len(rep.features)} features", file=sys.stderr)
-        results[name] = evaluate_representation(rep, cfg)
+        reps.append(rep)
+    # every table is read and checked before any metric runs, and all are scored on the wells they share
+    reps, well_counts = align_wells(reps, cfg)
+    ensure_dir(cfg.out_dir)
+    results = {}
+    for rep in reps:
+        results[rep.name] = evaluate_representation(rep, cfg)
+        results[rep.name].well.update(well_counts[rep.name])
     write_outputs(results, cfg)
     print(f"evaluated {len(results)} representation(s) in {time.perf_counter() - start:.1f} s; "
           f"results in {cfg.out_dir}")

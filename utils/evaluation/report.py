@@ -34,13 +34,14 @@ class RepResult:
 def summary_markdown(well: pd.DataFrame, cfg: EvalConfig) -> str:
     """One row per representation with the headline numbers, then the reasons for any NaN."""
     lab = cfg.label
-    cols = ["label", "feature_set", "n_wells", "pert_acc", "pert_acc_NSB", f"{lab}_acc_NSP", f"{lab}_acc_NSBP",
-            "percent_95", "pert_mAP", f"{lab}_level_mAP", "replicate_mAP", "replicate_fraction_retrieved",
-            f"{lab}_mAP", f"{lab}_fraction_retrieved", "batch_bal_acc", "batch_mcc", "silhouette_batch",
-            "silhouette_target", "batch_score", "bio_score", "overall_score"]
+    cols = ["label", "feature_set", "n_wells", "n_wells_input", "n_wells_dropped_to_common", "pert_acc",
+            "pert_acc_NSB", f"{lab}_acc_NSP", f"{lab}_acc_NSBP", "percent_95", "pert_mAP", f"{lab}_level_mAP",
+            "replicate_mAP", "replicate_fraction_retrieved", f"{lab}_mAP", f"{lab}_fraction_retrieved",
+            "batch_bal_acc", "batch_mcc", "silhouette_batch", "silhouette_target", "batch_score", "bio_score",
+            "overall_score"]
     lines = [f"# Evaluation of {cfg.input_dir}", "", f"NSP mode: {cfg.nsp_mode}; seed {cfg.seed}; "
              f"null size {cfg.null_size}. Metric definitions: docs/EVALUATION.md.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+             *wells_markdown(well, cfg), "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in well.iterrows():
         cells = []
         for c in cols:
@@ -52,6 +53,27 @@ def summary_markdown(well: pd.DataFrame, cfg: EvalConfig) -> str:
     if notes:
         lines += ["", "## Notes (why a value is NaN)", ""] + [f"- **{n}**: {t}" for n, t in notes]
     return "\n".join(lines) + "\n"
+
+
+def wells_markdown(well: pd.DataFrame, cfg: EvalConfig) -> list[str]:
+    """One sentence on which wells the representations were scored on, so a reader can tell they are comparable.
+
+    ``n_wells`` counts the scored non-control wells, ``n_wells_input`` the rows read and
+    ``n_wells_dropped_to_common`` those left out because another representation lacks them.
+    """
+    if "n_wells_input" not in well.columns or len(well) < 2:
+        return []
+    if cfg.allow_different_wells:
+        sizes = ", ".join(f"{r['label']} {r['n_wells_input']}" for _, r in well.iterrows())
+        return [f"Wells: each representation on its own wells (--allow-different-wells: {sizes}); the numbers are "
+                "comparable only where these are the same wells.", ""]
+    if well["n_wells_dropped_to_common"].isna().any():
+        return ["Wells: not matched across representations (a table has no plate column); each on its own wells.",
+                ""]
+    lost = int(well["n_wells_dropped_to_common"].sum())
+    kept = int(well["n_wells_input"].iloc[0] - well["n_wells_dropped_to_common"].iloc[0])
+    return [f"Wells: compared on the {kept} (plate, well) keys all {len(well)} representations share; "
+            f"{lost} row(s) outside them were left out (n_wells_dropped_to_common).", ""]
 
 
 def gains_markdown(well: pd.DataFrame, cfg: EvalConfig) -> list[str]:

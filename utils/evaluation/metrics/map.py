@@ -166,31 +166,39 @@ def normalize_ap(ap: np.ndarray, m: np.ndarray, n_neg: np.ndarray, eps: float = 
     return np.clip((np.asarray(ap, dtype=float) - mu) / np.maximum(1 - mu, eps), -1.0, 1.0)
 
 
-_NULL_CACHE: dict[tuple[bytes, tuple[int, ...], int, int], np.ndarray] = {}
+_NULL_CACHE: dict[tuple[bytes, tuple[int, ...], int, int, bytes], np.ndarray] = {}
 _NULL_CACHE_ENTRIES = 8
 
 
-def cached_null_distributions(confs: np.ndarray, null_size: int, seed: int) -> np.ndarray:
+def cached_null_distributions(confs: np.ndarray, null_size: int, seed: int,
+                              needed: np.ndarray | None = None) -> np.ndarray:
     """null_distributions, memoised per process: representations of one set share their configurations."""
     confs = np.ascontiguousarray(confs, dtype=np.int64)
-    key = (confs.tobytes(), confs.shape, null_size, seed)
+    needed = np.ones(len(confs), dtype=bool) if needed is None else np.asarray(needed, dtype=bool)
+    key = (confs.tobytes(), confs.shape, null_size, seed, needed.tobytes())
     if key not in _NULL_CACHE:
         if len(_NULL_CACHE) >= _NULL_CACHE_ENTRIES:
             _NULL_CACHE.pop(next(iter(_NULL_CACHE)))
-        _NULL_CACHE[key] = null_distributions(confs, null_size, seed)
+        _NULL_CACHE[key] = null_distributions(confs, null_size, seed, needed)
     return _NULL_CACHE[key]
 
 
-def null_distributions(confs: np.ndarray, null_size: int, seed: int) -> np.ndarray:
+def null_distributions(confs: np.ndarray, null_size: int, seed: int,
+                       needed: np.ndarray | None = None) -> np.ndarray:
     """AP of random rankings for each (n_pos, n_total) configuration, drawn exactly as copairs draws them.
 
     Configurations must be unique rows sorted as np.unique(axis=0) sorts them, because each one's RNG seed is the
-    next draw of default_rng(seed).integers(8096). One iteration per configuration, not per profile.
+    next draw of default_rng(seed).integers(8096). One iteration per configuration, not per profile. Rows outside
+    ``needed`` (configurations only exact p-values use) are left zero: their seeds are still drawn, so every other
+    row keeps copairs' draws, and a 50000-candidate configuration no longer permutes null_size x 50000 ranks for
+    nothing.
     """
     rng = np.random.default_rng(seed)
     seeds = rng.integers(8096, size=len(confs))
-    out = np.empty((len(confs), null_size), dtype=np.float32)
+    out = np.zeros((len(confs), null_size), dtype=np.float32)
     for i, (num_pos, total) in enumerate(confs):
+        if needed is not None and not needed[i]:
+            continue
         sub = np.random.default_rng(seeds[i])
         dtype = np.uint16 if total < 2**16 else np.uint32
         idx = np.tile(np.arange(total, dtype=dtype), (null_size, 1))
@@ -278,7 +286,6 @@ def mean_average_precision(
         return pd.DataFrame(columns=cols)
     confs_all = valid[["n_pos_pairs", "n_total_pairs"]].to_numpy()
     confs, rev = np.unique(confs_all, axis=0, return_inverse=True)
-    nulls = cached_null_distributions(confs, null_size, seed)
     grouped = valid.groupby(sameby, observed=True, sort=True)
     scores = grouped.agg(
         mean_average_precision=("average_precision", "mean"),
@@ -292,6 +299,14 @@ def mean_average_precision(
     ends = np.r_[starts[1:], len(order)]
     conf_of = rev.ravel()[order]
     observed = scores["mean_average_precision"].to_numpy()
+    is_exact = np.zeros(len(starts), dtype=bool)
+    if exact:
+        # per distinct configuration, not per member: a data set repeats few (n_pos, n_total) pairs
+        log_count = np.add.reduceat(log_arrangements(confs[:, 0], confs[:, 1])[conf_of], starts)
+        is_exact = log_count <= np.log(null_size) + 1e-9
+    needed = np.zeros(len(confs), dtype=bool)
+    needed[conf_of[~np.repeat(is_exact, ends - starts)]] = True
+    nulls = cached_null_distributions(confs, null_size, seed, needed)
     # groups with the same ordered member configurations share one null (same float32 sums): compute it once
     sizes = ends - starts
     seq_id = np.empty(len(starts), dtype=np.int64)
@@ -328,14 +343,12 @@ def mean_average_precision(
     scores["p_value"] = (num + 1) / (null_size + 1)
     scores["p_value_method"] = "sampled"
     scores["min_p_value"] = 1.0 / (null_size + 1)
-    if exact:
-        member_confs = confs[conf_of]
-        log_count = np.add.reduceat(log_arrangements(member_confs[:, 0], member_confs[:, 1]), starts)
-        for g in np.flatnonzero(log_count <= np.log(null_size) + 1e-9):
-            key = tuple(sorted(tuple(int(v) for v in c) for c in member_confs[starts[g]:ends[g]]))
-            p, floor = exact_p_value(float(observed[g]), key)
-            scores.loc[g, ["p_value", "min_p_value"]] = p, floor
-            scores.loc[g, "p_value_method"] = "exact"
+    member_confs = confs[conf_of]
+    for g in np.flatnonzero(is_exact):
+        key = tuple(sorted(tuple(int(v) for v in c) for c in member_confs[starts[g]:ends[g]]))
+        p, floor = exact_p_value(float(observed[g]), key)
+        scores.loc[g, ["p_value", "min_p_value"]] = p, floor
+        scores.loc[g, "p_value_method"] = "exact"
     scores["can_pass"] = scores["min_p_value"] < threshold
     scores["corrected_p_value"] = benjamini_hochberg(scores["p_value"].to_numpy())
     scores["below_p"] = scores["p_value"] < threshold
