@@ -314,7 +314,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     bad.loc[3, "emb2"] = np.nan
     bad.to_csv(tmp_path / "nan.csv", index=False)
     proc = _cli("-i", str(tmp_path / "nan.csv"), "-o", str(tmp_path / "o2"), "--norm_method", "standardize")
-    assert proc.returncode == 2 and "first in column emb2 at row 5" in proc.stderr
+    assert proc.returncode == 2 and "first in column emb2 at CSV row 5" in proc.stderr
     same = tmp_path / "well_features.csv"
     same.write_bytes(src.read_bytes())
     with pytest.raises(ConfigError, match="would overwrite the input"):

@@ -21,7 +21,7 @@ import pandas as pd
 from data.metadata import apply_column_map as apply_explicit_map
 from utils.errors import DataError
 from utils.evaluation.config import DEFAULT_CONTROLS, METADATA_PRESETS, EvalConfig
-from utils.profiles.features import detect_features
+from utils.profiles.features import detect_features, finite_features
 
 WELL_FILES = ("well_features.csv", "well_features.csv.gz", "well_features.parquet")
 SKIP_DIRS = {"figures"}
@@ -159,16 +159,7 @@ def representation_from_frame(name: str, df: pd.DataFrame, cfg: EvalConfig, path
     if df.empty:
         raise DataError(f"{path}: no rows")
     features, kind = detect_features(list(df.columns), str(path))
-    try:
-        x = df[features].to_numpy(dtype=np.float64)
-    except ValueError as exc:
-        raise DataError(f"{path}: non-numeric values in feature columns ({str(exc).splitlines()[0]})") from exc
-    bad = ~np.isfinite(x)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise DataError(
-            f"{path}: {int(bad.sum())} NaN/inf feature values, first in column {features[c]} at CSV row {r + 2}"
-        )
+    finite_features(df, features, str(path))
     for col in ("perturbation_id", "batch", "well"):
         if df[col].isna().any():
             first = int(np.argmax(df[col].isna().to_numpy())) + 2
@@ -177,6 +168,7 @@ def representation_from_frame(name: str, df: pd.DataFrame, cfg: EvalConfig, path
     meta = df.drop(columns=features).reset_index(drop=True)
     if cfg.label not in meta.columns:
         meta[cfg.label] = pd.Series(pd.NA, index=meta.index, dtype="string")
+    x = df[features].to_numpy(dtype=np.float64)
     return Representation(name=name, path=path, meta=meta, x=x, features=features, kind=kind)
 
 

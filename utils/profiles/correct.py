@@ -23,7 +23,7 @@ from utils.errors import ConfigError, DataError
 from utils.fileio import atomic_path, ensure_dir, write_json_atomic
 from utils.profiles.chain import ChainContext, apply_chain, chain_name, parse_chain, with_overrides
 from utils.profiles.controls import CONTROL_CHOICES, resolve_control_query
-from utils.profiles.features import detect_features
+from utils.profiles.features import detect_features, finite_features
 from utils.profiles.normalize import SCOPES, VARIANCE_THRESHOLD
 
 WELL_FILE = "well_features.csv"
@@ -92,19 +92,6 @@ def read_wells(path: Path, pairs: tuple[tuple[str, str], ...] = ()) -> pd.DataFr
     df = df.drop(columns=[c for c in df.columns if str(c).startswith("Unnamed: ")])
     df = map_metadata(apply_column_map(df, pairs, str(path)))
     return fill_negcon_perturbation(df) if "perturbation_id" in df.columns else df
-
-
-def finite_features(df: pd.DataFrame, features: list[str], source: str) -> None:
-    """Refuse NaN/inf feature values, naming the first column and CSV row (a chain needs finite profiles)."""
-    try:
-        x = df[features].to_numpy(dtype=np.float64)
-    except ValueError as exc:
-        raise DataError(f"{source}: non-numeric values in feature columns ({str(exc).splitlines()[0]})") from None
-    bad = ~np.isfinite(x)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise DataError(f"{source}: {int(bad.sum())} NaN/inf feature values, first in column {features[c]} at "
-                        f"row {r + 2}; drop those wells or features first")
 
 
 def _versions() -> dict[str, str]:

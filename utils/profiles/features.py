@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from utils.errors import DataError
@@ -54,3 +55,16 @@ def feature_columns(df: pd.DataFrame) -> list[str]:
     """The feature columns of a table in table order (embeddings if any, else CellProfiler), possibly none."""
     emb, cp = _split_kinds(list(df.columns))
     return emb or cp
+
+
+def finite_features(df: pd.DataFrame, features: list[str], source: str) -> None:
+    """Refuse NaN/inf feature values, naming the first column and CSV row (a chain needs finite profiles)."""
+    try:
+        x = df[features].to_numpy(dtype=np.float64)
+    except ValueError as exc:
+        raise DataError(f"{source}: non-numeric values in feature columns ({str(exc).splitlines()[0]})") from None
+    bad = ~np.isfinite(x)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise DataError(f"{source}: {int(bad.sum())} NaN/inf feature values, first in column {features[c]} at "
+                        f"CSV row {r + 2}; drop those wells or features first")
