@@ -38,6 +38,7 @@ from data.schema import (
 from utils.cli import FlagParser, run_cli
 from utils.errors import ConfigError, DataError
 from utils.fileio import atomic_path, ensure_dir, write_csv_atomic
+from utils.rundir import OutputLock
 
 DEFAULT_DOWNSCALE = 4
 DEFAULT_MEDIAN_SIZE = 24  # DeepProfiler's default disk diameter, in downscaled pixels
@@ -259,22 +260,23 @@ def run(
     table = load_site_table(csv_path, image_root=image_root, channels=channels, required=("plate",))
     raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     out = ensure_dir(outdir)
-    means = compute_plate_means(table, channels, workers=workers, progress=progress)
-    files: dict[tuple[str, str], Path] = {}
-    strongest = (1.0, "", "")
-    for plate, acc in means.items():
-        functions = plate_functions(acc.mean(), channels, plate, downscale, median_size, percentile)
-        for ch, function in functions.items():
-            path = illum_path(out, plate, ch)
-            write_function(path, function)
-            files[(plate, ch)] = path
-            peak = float(function.max())
-            if peak > strongest[0]:
-                strongest = (peak, plate, ch)
-    csv_out = out / OUTPUT_CSV
-    write_csv_atomic(with_illum_columns(raw, table, files, channels), csv_out)
-    return {"csv": str(csv_out), "sites": len(table), "plates": len(means), "channels": len(channels),
-            "strongest": strongest}
+    with OutputLock(out):  # two runs into one folder would interleave their functions and the CSV
+        means = compute_plate_means(table, channels, workers=workers, progress=progress)
+        files: dict[tuple[str, str], Path] = {}
+        strongest = (1.0, "", "")
+        for plate, acc in means.items():
+            functions = plate_functions(acc.mean(), channels, plate, downscale, median_size, percentile)
+            for ch, function in functions.items():
+                path = illum_path(out, plate, ch)
+                write_function(path, function)
+                files[(plate, ch)] = path
+                peak = float(function.max())
+                if peak > strongest[0]:
+                    strongest = (peak, plate, ch)
+        csv_out = out / OUTPUT_CSV
+        write_csv_atomic(with_illum_columns(raw, table, files, channels), csv_out)
+        return {"csv": str(csv_out), "sites": len(table), "plates": len(means), "channels": len(channels),
+                "strongest": strongest}
 
 
 def _parser() -> argparse.ArgumentParser:

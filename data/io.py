@@ -33,6 +33,7 @@ from data.schema import (
     filename_column,
     illum_filename_column,
     layout_of_path,
+    not_a_regular_file,
     otsu_to_raw,
 )
 from utils.errors import DataError
@@ -60,15 +61,27 @@ class _ThreadErrors(logging.Handler):
             self.messages.append(record.getMessage())
 
 
+def check_regular_file(path: str | os.PathLike[str], kind: str = "image") -> None:
+    """Raise a DataError naming ``path`` unless it is an existing regular file (symlinks to one are fine)."""
+    why = not_a_regular_file(path)
+    if why == "file not found":
+        raise DataError(f"{path}: {kind} file not found")
+    if why is not None:
+        raise DataError(f"{path}: {why}, expected {'an' if kind[0] in 'aeiou' else 'a'} {kind} file")
+
+
 def _open_image(opener: Any, path: str, kind: str) -> Any:
-    """``opener(path)`` with every failure as one DataError naming the file: missing, a folder, or garbage (the
-    libraries raise many exception types on garbage input)."""
+    """``opener(path)`` with every failure as one DataError naming the file: missing, not a regular file (a FIFO
+    would block the open), unreadable, or garbage (the libraries raise many exception types on garbage input)."""
+    check_regular_file(path)
     try:
         return opener(path)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, expected an image file") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied (the file is not readable by this user)") from None
     except Exception as exc:
         raise DataError(f"{path}: corrupt or unreadable {kind} ({_short(exc)})") from None
 
@@ -317,10 +330,13 @@ read_channel_tiffs = read_channel_files  # the name callers used before PNG supp
 
 def _load_npy(path: str) -> np.ndarray:
     """Memory-mapped (C,H,W) .npy (uint8, uint16 or float32, not yet converted), checked for dtype and rank."""
+    check_regular_file(path)
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied (the file is not readable by this user)") from None
     except Exception as exc:
         raise DataError(f"{path}: corrupt or truncated .npy ({_short(exc)})") from None
     if not isinstance(arr, np.ndarray):
@@ -415,6 +431,7 @@ _illum_cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
 def _read_illum(path: str) -> np.ndarray:
     """Validated (H,W) illumination function, memory-mapped in its stored dtype so reader processes share the page
     cache instead of each holding a copy (CellProfiler writes float64; regions are cast to float32 when applied)."""
+    check_regular_file(path, "illumination")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
@@ -731,6 +748,8 @@ def plain_tiff_layout(path: str, max_pages: int = 64) -> tuple[np.memmap, str] |
     Anything else (BigTIFF, compression, tiles, interleaved samples, gaps) returns None: the caller then uses
     ``data.io.open_site_array``, which reads every layout and names the file in its errors.
     """
+    if not_a_regular_file(path) is not None:
+        return None  # the general reader names what is wrong; opening a FIFO here would block
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from data.metadata import check_unique_header
 from data.schema import LOCATIONS_COLUMN
 from utils.errors import DataError
 from utils.seeding import sample_seed
@@ -89,6 +90,7 @@ def read_locations(path: str | os.PathLike[str], height: int | None = None, widt
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: nucleus location file not found")
+    check_unique_header(path, "nucleus location")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:

@@ -11,8 +11,10 @@ the column or wells to fix.
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -130,16 +132,13 @@ def read_platemap(path: str | os.PathLike[str], pairs: Sequence[tuple[str, str]]
     if not path.is_file():
         raise DataError(f"{path}: plate map not found")
     sep = "\t" if path.suffix.lower() in MAP_SUFFIXES_TSV else ","
+    check_unique_header(path, "plate map", sep)
     try:
-        header = header_names(path, sep)
         table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=True)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty plate map, expected a header and one row per well") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, csv.Error) as exc:
         raise DataError(f"{path}: not a readable plate map ({str(exc).splitlines()[0]})") from None
-    repeated = sorted({h for h in header if header.count(h) > 1})
-    if repeated:
-        raise DataError(f"{path}: duplicated column(s) {', '.join(repr(h) for h in repeated)}")
     if table.empty:
         raise DataError(f"{path}: plate map has a header but no wells")
     table = map_metadata(apply_column_map(table, pairs, str(path), strict=False))
@@ -157,12 +156,48 @@ def read_platemap(path: str | os.PathLike[str], pairs: Sequence[tuple[str, str]]
 
 
 def header_names(path: str | os.PathLike[str], sep: str = ",") -> list[str]:
-    """The header row as written, because pandas renames a repeated column to ``name.1`` and hides the clash."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    """The header row as written, because pandas renames a repeated column to ``name.1`` and hides the clash.
+
+    Reads CSV/TSV (``.gz`` through gzip) and parquet (its schema); an empty text file raises EmptyDataError.
+    """
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # lazy: only parquet inputs need it
+
+        return [str(n) for n in pq.read_schema(path).names]
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as fh:
         row = next(csv.reader(fh, delimiter=sep), None)
     if row is None:
         raise pd.errors.EmptyDataError("no header")
     return [c.strip() for c in row]
+
+
+def repeated_names(names: Sequence[object]) -> list[str]:
+    """Names listed more than once, in first-seen order; blank names (pandas index columns) are ignored."""
+    counts = Counter(str(n).strip() for n in names if str(n).strip())
+    return [name for name, k in counts.items() if k > 1]
+
+
+def repeated_names_message(source: object, what: str, repeated: Sequence[str]) -> str:
+    """The one wording every reader uses for a header that repeats a column."""
+    shown = ", ".join(repr(r) for r in repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+    return (f"{source}: the {what} header lists column(s) {shown} more than once; pandas would silently rename the "
+            "copies, so remove or rename them")
+
+
+def check_unique_header(path: str | os.PathLike[str], what: str, sep: str = ",") -> None:
+    """Raise a one-line DataError naming ``path`` and its repeated columns, read from the raw header.
+
+    A header that cannot be read at all is left to the caller's own read, which names the real problem.
+    """
+    try:
+        names = header_names(path, sep)
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, pd.errors.EmptyDataError):
+        return
+    repeated = repeated_names(names)
+    if repeated:
+        raise DataError(repeated_names_message(path, what, repeated))
 
 
 def join_platemap(sites: pd.DataFrame, platemap: pd.DataFrame, source: str) -> pd.DataFrame:

@@ -23,7 +23,7 @@ import torch
 from data.io import open_plain_merged, open_site_array, site_otsu
 from data.schema import image_paths
 from data.tiling import Region
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
 
 
 @dataclass
@@ -103,7 +103,8 @@ class SitePrefetcher:
         self.rows = table.to_dict("records")
         self.channels = tuple(channels)
         self.region = region
-        self.batch_size = batch_size
+        # a batch never holds more sites than the table has, so --batch_size 10**9 allocates one plate, not 10**9
+        self.batch_size = min(batch_size, max(1, len(self.rows)))
         self.device = torch.device(device)
         self.threads = max(0, int(threads))
         n_batches = math.ceil(len(self.rows) / batch_size)
@@ -115,7 +116,13 @@ class SitePrefetcher:
 
     def _alloc(self) -> torch.Tensor:
         shape = (self.batch_size, len(self.channels), self.region.h, self.region.w)
-        buf = torch.empty(shape, dtype=torch.uint16, pin_memory=self.pin)
+        try:
+            buf = torch.empty(shape, dtype=torch.uint16, pin_memory=self.pin)
+        except (RuntimeError, MemoryError):  # torch reports a failed host allocation as RuntimeError
+            gib = math.prod(shape) * 2 / 2**30
+            raise ConfigError(f"--batch_size {self.batch_size}: a buffer of {self.batch_size} sites {shape[1:]} "
+                              f"needs {gib:.1f} GiB of host memory, which cannot be allocated; lower --batch_size"
+                              ) from None
         buf.zero_()
         return buf
 

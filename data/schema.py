@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,6 +18,7 @@ from data.metadata import (
     ALIASES,
     apply_column_map,
     check_sources,
+    check_unique_header,
     fill_negcon_perturbation,
     join_platemap,
     map_metadata,
@@ -137,6 +139,7 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
         raise DataError(f"{csv_path}: empty file, expected a header row and one row per site") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    check_unique_header(csv_path, "site table")
     string_cols.update(c for c in header if c.startswith(("FileName_", "PathName_")))
     try:
         return pd.read_csv(csv_path, dtype={c: str for c in string_cols if c in header}, keep_default_na=True)
@@ -358,6 +361,33 @@ def _listing(directory: str, cache: dict[str, set[str] | None]) -> set[str] | No
     return cache[directory]
 
 
+def not_a_regular_file(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as a file (missing, a broken symlink, a folder, a FIFO...), or None when it can.
+
+    Why before opening: ``open()`` on a FIFO blocks until a writer appears, so a named pipe called ``x.tiff`` hung
+    the readers; ``os.stat`` never blocks, and it also tells a broken symlink and a folder from a missing file.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        return "file not found"
+    except PermissionError:
+        return "permission denied (cannot look up the file)"
+    except OSError as exc:
+        return f"cannot be looked up ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe), not a regular file; reading it would block"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a regular file"
+    return "is a device or other special file, not a regular file"
+
+
 def find_missing_files(paths: Iterable[str]) -> set[str]:
     """Which of ``paths`` are not existing files, listing each folder once instead of one stat per file."""
     by_dir: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -379,15 +409,25 @@ def find_missing_files(paths: Iterable[str]) -> set[str]:
 
 
 def _check_files(row_paths: list[list[str]], problems: _Problems) -> None:
-    """Record every site with missing image files, naming the first missing file of each."""
+    """Record every site with missing image files, naming the first missing file of each.
+
+    A path that exists but is no regular file (a folder, a FIFO, a broken symlink) is reported as what it is, not
+    as missing, so the fix is obvious; only those few paths are stat'ed again.
+    """
     missing = find_missing_files(p for paths in row_paths for p in paths)
     if not missing:
         return
+    why = {p: not_a_regular_file(p) for p in missing}
     for i, paths in enumerate(row_paths):
         absent = [p for p in paths if p in missing]
-        if absent:
-            more = f" and {len(absent) - 1} more of this site" if len(absent) > 1 else ""
+        if not absent:
+            continue
+        more = f" and {len(absent) - 1} more of this site" if len(absent) > 1 else ""
+        reason = why[absent[0]]
+        if reason in (None, "file not found"):
             problems.add("missing file", f"{_line(i)} ({absent[0]}{more})")
+        else:
+            problems.add("not a readable image file", f"{_line(i)} ({absent[0]}: {reason}{more})")
 
 
 def _check_duplicates(df: pd.DataFrame, row_paths: list[list[str]], problems: _Problems) -> None:

@@ -35,6 +35,7 @@ from data.schema import DEFAULT_CHANNELS
 from utils.cli import FlagParser, run_cli
 from utils.errors import ConfigError
 from utils.fileio import ensure_dir, write_csv_atomic, write_json_atomic
+from utils.rundir import OutputLock
 from utils.seeding import sample_seed
 
 FORMAT = "cellpaint-ssl-synthetic/1"
@@ -656,8 +657,16 @@ def generate_plates(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
+    args = {"plates": plates, "batches": batches, "wells": wells, "sites": sites, "size": size, "seed": seed,
+            "layout": layout, "batch_strength": batch_strength}
     design = build_design(plates, batches, wells, seed, batch_strength)
-    ensure_dir(out)
+    with OutputLock(out):  # two generators into one folder would mix their images and tables
+        return _generate(out, design, args, workers, progress)
+
+
+def _generate(out: Path, design: Design, args: dict[str, Any], workers: int, progress: bool) -> pd.DataFrame:
+    """Render every site into ``out`` and write ground_truth.json, then dataset.csv last (the completion mark)."""
+    sites, size, layout = args["sites"], args["size"], args["layout"]
     for stale in ("dataset.csv", "ground_truth.json"):  # a folder being regenerated must not look complete
         (out / stale).unlink(missing_ok=True)
     rows, tasks = [], []
@@ -680,8 +689,6 @@ def generate_plates(
                      disable=not progress))
     table = pd.DataFrame(rows)
     table.insert(table.columns.get_loc("control_type") + 1, "Otsu_th", np.round(otsu, 3))
-    args = {"plates": plates, "batches": batches, "wells": wells, "sites": sites, "size": size, "seed": seed,
-            "layout": layout, "batch_strength": batch_strength}
     write_json_atomic(out / "ground_truth.json", ground_truth(design, args))
     write_csv_atomic(table, out / "dataset.csv")
     return table

@@ -147,7 +147,12 @@ def save_checkpoint(path: str | os.PathLike[str], obj: Mapping[str, Any]) -> Non
     """torch.save through a temporary file, so a killed run never leaves a truncated checkpoint."""
     _check_safe(obj, "checkpoint")
     with atomic_path(path) as tmp:
-        torch.save(dict(obj), tmp)
+        try:
+            torch.save(dict(obj), tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a short write (full disk, size limit) this way
+            reason = (str(exc).strip().splitlines() or ["write failed"])[0][:200]
+            raise CheckpointError(f"{path}: cannot write the checkpoint: the disk is full, a file-size limit was "
+                                  f"reached or the write failed ({reason}); the previous checkpoint is kept") from None
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

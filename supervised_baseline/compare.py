@@ -17,10 +17,11 @@ import pandas as pd
 from supervised_baseline.config import SupervisedConfig, config_from_dict, set_path
 from supervised_baseline.metrics import THRESHOLDS
 from supervised_baseline.scoring import evaluate
-from supervised_baseline.train import clear_outputs, train
+from supervised_baseline.train import train
 from utils.errors import ConfigError
 from utils.evaluation.loading import discover_representations
-from utils.fileio import ensure_dir, write_csv_atomic, write_text_atomic
+from utils.fileio import write_csv_atomic, write_text_atomic
+from utils.rundir import Transaction, output_run
 
 FINAL_FILES = ("comparison.csv", "comparison.md", "comparison_per_split.csv", "per_assay_auc.csv", "per_assay_auc.png",
                "per_assay_auc.pdf")
@@ -113,10 +114,24 @@ def per_assay_figure(per_assay: pd.DataFrame, stem: Path) -> list[Path]:
 
 
 def compare(cfg: CompareConfig) -> pd.DataFrame:
-    """Train and score every representation on every split; write comparison.csv/.md, per_assay_auc.csv, figure."""
+    """Train and score every representation on every split; write comparison.csv/.md, per_assay_auc.csv, figure.
+
+    The comparison folder is locked and its tables are staged, so they appear (replacing an earlier comparison's)
+    only when every run has finished; each run's own folder is a transaction of its own (``train``, ``evaluate``).
+    """
     reps = discover_representations(cfg.input_dir)
-    out = ensure_dir(cfg.out_dir)
-    clear_outputs(out, FINAL_FILES)  # the tables appear only when every run has finished
+    with output_run(cfg.out_dir) as tx:
+        summary = _compare(cfg, reps, tx)
+        tx.commit({"status": "complete", "representations": [name for name, _ in reps], "n_splits": cfg.n_splits},
+                  stale=FINAL_FILES)
+    best = summary.iloc[0]
+    print(f"compare: {len(reps)} representation(s) x {cfg.n_splits} split(s); best {best['representation']} "
+          f"(test mean AUC {best['mean_auc']:.3f}) -> {Path(cfg.out_dir) / 'comparison.md'}", flush=True)
+    return summary
+
+
+def _compare(cfg: CompareConfig, reps: list[tuple[str, Path]], tx: Transaction) -> pd.DataFrame:
+    """Run every (representation, split) and stage the comparison tables and figure."""
     results, per_assay = [], []
     for name, path in reps:
         for split in range(1, cfg.n_splits + 1):
@@ -129,20 +144,17 @@ def compare(cfg: CompareConfig) -> pd.DataFrame:
     table = pd.DataFrame(results)
     assays = pd.concat(per_assay, ignore_index=True)
     summary = summarise(table)
-    write_csv_atomic(table, out / "comparison_per_split.csv")
-    write_csv_atomic(summary, out / "comparison.csv")
+    write_csv_atomic(table, tx.path("comparison_per_split.csv"))
+    write_csv_atomic(summary, tx.path("comparison.csv"))
     write_csv_atomic(assays[["representation", "split", "assay", "auc", "f1", "n_pos", "n_neg"]],
-                     out / "per_assay_auc.csv")
+                     tx.path("per_assay_auc.csv"))
     n_assays = int(assays["assay"].nunique())
-    write_text_atomic(out / "comparison.md", "# Bioactivity prediction (supervised baseline)\n\n"
+    write_text_atomic(tx.path("comparison.md"), "# Bioactivity prediction (supervised baseline)\n\n"
                       f"FNN on each representation's well profiles, {cfg.n_splits} compound split(s), test split "
                       "ROC-AUC per assay (assays without both classes in a test split are skipped; the paper "
                       "counted them as 0.5, the 'paper convention' column).\n\n" + table_markdown(summary, n_assays))
     if cfg.figures:
-        per_assay_figure(assays, out / "per_assay_auc")
-    best = summary.iloc[0]
-    print(f"compare: {len(reps)} representation(s) x {cfg.n_splits} split(s); best {best['representation']} "
-          f"(test mean AUC {best['mean_auc']:.3f}) -> {out / 'comparison.md'}", flush=True)
+        per_assay_figure(assays, tx.path("per_assay_auc"))
     return summary
 
 

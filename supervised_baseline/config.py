@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.errors import ConfigError, DataError
+from utils.resources import cap_workers
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class TrainingConfig:
     seed: int = 0
     workers: int = 0
     gpus: tuple[int, ...] | None = None  # GPU ids (None: the first GPU when there is one, else the CPU)
+
+    def __post_init__(self) -> None:
+        """Cap the loader workers to the CPUs available (a warning names the value), so ``--j 100000`` cannot hang."""
+        if isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers > 0:
+            object.__setattr__(self, "workers", cap_workers("training.workers (--j)", self.workers))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data.metadata import check_unique_header
 from supervised_baseline.config import DataConfig
 from supervised_baseline.labels import ID_COLUMN, find_id_column, read_labels, read_table
 from utils.errors import DataError
@@ -91,6 +92,7 @@ def read_split(path: str | Path, split: int, id_column: str | None = None) -> di
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.splits {path}: no such file")
+    check_unique_header(path, "splits")
     table = pd.read_csv(path, dtype=str)
     ident = find_id_column(list(table.columns), str(path), id_column)
     columns = [c for c in table.columns if c != ident]

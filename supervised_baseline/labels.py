@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.io
 import scipy.sparse
 
+from data.metadata import check_unique_header
 from data.schema import ALIASES
 from utils.errors import DataError
 
@@ -95,15 +96,11 @@ def read_matrix(path: Path, index: Path | None, names: Path | None) -> pd.DataFr
 def read_table(path: Path, what: str, id_column: str | None = None) -> tuple[pd.DataFrame, str]:
     """A CSV with a compound column (ids read as text), and that column's name; duplicated headers are an error
     (pandas would silently rename them ``x.1``)."""
+    check_unique_header(path, what)
     try:
-        with open(path, newline="") as fh:
-            header = next(csv.reader(fh), [])
         table = pd.read_csv(path, low_memory=False, dtype=id_dtypes(id_column))
     except (OSError, ValueError, csv.Error) as exc:
         raise DataError(f"{path}: unreadable {what} ({exc})") from None
-    dupes = sorted({c for c in header if header.count(c) > 1})
-    if dupes:
-        raise DataError(f"{path}: duplicated column(s) {dupes}")
     return table, find_id_column(list(table.columns), str(path), id_column)
 
 

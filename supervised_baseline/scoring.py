@@ -3,15 +3,17 @@ test_summary.json (with the paper's convention beside ours)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from supervised_baseline.config import SupervisedConfig, require_file
 from supervised_baseline.data import Standardiser, assign_parts, load_dataset, parts_of
 from supervised_baseline.metrics import per_assay, summary
 from supervised_baseline.model import FNN
-from supervised_baseline.train import TEST_OUTPUTS, clear_outputs, load_model_file, predict, resolve_device
+from supervised_baseline.train import TEST_OUTPUTS, load_model_file, predict, resolve_device
 from utils.errors import DataError
-from utils.fileio import ensure_dir, write_csv_atomic, write_json_atomic
+from utils.fileio import write_csv_atomic, write_json_atomic
+from utils.rundir import Transaction, completed_run, output_run
 
 
 def model_from_file(obj: dict[str, Any]) -> FNN:
@@ -28,8 +30,20 @@ def evaluate(cfg: SupervisedConfig) -> dict[str, Any]:
     The split is the one the model was trained with (stored in the checkpoint) unless the config names a
     ``data.splits`` file; features are imputed and standardised with the training statistics.
     """
-    out = ensure_dir(cfg.output_dir)
-    clear_outputs(out, TEST_OUTPUTS)  # a failed rerun must not leave an earlier model's scores looking current
+    with output_run(cfg.output_dir) as tx:
+        result = _score(cfg, tx)
+        tx.commit({**(completed_run(cfg.output_dir) or {}), "status": "complete", "scored": True},
+                  stale=TEST_OUTPUTS)
+    out = Path(cfg.output_dir)
+    mean = "n/a" if result["mean_auc"] is None else f"{result['mean_auc']:.3f}"
+    print(f"{cfg.name} split {cfg.data.split}: test mean AUC {mean} over {result['n_assays_scored']} assays "
+          f"({result['n_assays_skipped']} skipped: one class only; paper convention {result['paper_mean_auc']:.3f}), "
+          f"{result['n_test_wells']} wells -> {out / 'test_metrics.csv'}", flush=True)
+    return result
+
+
+def _score(cfg: SupervisedConfig, tx: Transaction) -> dict[str, Any]:
+    """Predict the test wells and stage test_metrics.csv and test_summary.json; a failure stages nothing final."""
     obj = load_model_file(require_file(cfg.checkpoint, "checkpoint"))
     ds = load_dataset(cfg.data)
     missing = [f for f in obj["features"] if f not in ds.features]
@@ -58,10 +72,6 @@ def evaluate(cfg: SupervisedConfig) -> dict[str, Any]:
     result = {**summary(table), "n_test_wells": int(test.sum()), "n_test_compounds": int(len(set(ds.compounds[test]))),
               "checkpoint": str(cfg.checkpoint), "features": str(cfg.data.features), "split": cfg.data.split,
               "best_epoch": int(obj["epoch"])}
-    write_csv_atomic(table, out / "test_metrics.csv")
-    write_json_atomic(out / "test_summary.json", result)
-    mean = "n/a" if result["mean_auc"] is None else f"{result['mean_auc']:.3f}"
-    print(f"{cfg.name} split {cfg.data.split}: test mean AUC {mean} over {result['n_assays_scored']} assays "
-          f"({result['n_assays_skipped']} skipped: one class only; paper convention {result['paper_mean_auc']:.3f}), "
-          f"{result['n_test_wells']} wells -> {out / 'test_metrics.csv'}", flush=True)
+    write_csv_atomic(table, tx.path("test_metrics.csv"))
+    write_json_atomic(tx.path("test_summary.json"), result)
     return result

@@ -19,8 +19,9 @@ from supervised_baseline.data import Dataset, Standardiser, assign_parts, load_d
 from supervised_baseline.metrics import mean_auc, per_assay
 from supervised_baseline.model import FNN, masked_bce
 from utils.errors import CheckpointError, ConfigError
-from utils.fileio import atomic_path, ensure_dir, write_csv_atomic, write_json_atomic
+from utils.fileio import atomic_path, write_csv_atomic, write_json_atomic
 from utils.logging import RunLogger
+from utils.rundir import output_run
 from utils.seeding import keyed_generator, seed_everything
 
 FORMAT = "cellpaint-ssl/supervised/1"
@@ -30,10 +31,7 @@ BEST = "model_best.pt"
 TEST_OUTPUTS = ("test_metrics.csv", "test_summary.json")
 
 
-def clear_outputs(folder: Path, names: tuple[str, ...]) -> None:
-    """Delete an earlier run's final files up front, so a run that fails leaves nothing that looks complete."""
-    for name in names:
-        (folder / name).unlink(missing_ok=True)
+TRAIN_OUTPUTS = (BEST, "train_summary.json", "splits.csv", "log.txt", "hp.json")
 
 
 def resolve_device(gpus: tuple[int, ...] | None) -> tuple[torch.device, list[int]]:
@@ -124,12 +122,26 @@ def load_model_file(path: str | Path) -> dict[str, Any]:
 
 
 def train(cfg: SupervisedConfig) -> Path:
-    """Train the FNN on the train part, select on val, write model_best.pt, splits.csv, log.txt, hp.json."""
+    """Train the FNN on the train part, select on val, write model_best.pt, splits.csv, log.txt, hp.json.
+
+    The folder is locked and every file is staged (``utils.rundir``): a failed or killed rerun leaves the previous
+    model and its scores as they were, and a finished one replaces them all together (old test scores go, since
+    they belong to the old model). A rerun never resumes: log.txt starts afresh.
+    """
+    with output_run(cfg.output_dir) as tx:
+        summary = _train(cfg, tx.root())
+        tx.commit({"status": "complete", "stage": "trained", **summary}, stale=(*TRAIN_OUTPUTS, *TEST_OUTPUTS))
+    best = Path(cfg.output_dir) / BEST
+    print(f"{cfg.name} split {cfg.data.split}: {summary['n_train']} train / {summary['n_val']} val wells, "
+          f"{summary['n_assays']} assays, best val mean AUC {summary['val_mean_auc']:.3f} at epoch "
+          f"{summary['best_epoch']}, {summary['seconds']:.1f} s -> {best}", flush=True)
+    return best
+
+
+def _train(cfg: SupervisedConfig, out: Path) -> dict[str, Any]:
+    """The training loop, writing into ``out`` (the staging folder); returns the run's summary."""
     t0 = time.perf_counter()
     t = cfg.training
-    out = ensure_dir(cfg.output_dir)
-    # a failed rerun must not look complete, and a rerun never resumes: log.txt starts afresh
-    clear_outputs(out, (BEST, "train_summary.json", "splits.csv", "log.txt", "hp.json", *TEST_OUTPUTS))
     ds = load_dataset(cfg.data)
     parts = assign_parts(ds, cfg.data, t.seed)
     write_csv_atomic(split_table(ds, parts), out / "splits.csv")
@@ -178,9 +190,8 @@ def train(cfg: SupervisedConfig) -> Path:
             best, best_epoch = record, epoch
             save(checkpoint(model, ds, std, cfg, parts, epoch, record), out / BEST)
     logger.close()
-    write_json_atomic(out / "train_summary.json",
-                      {"best_epoch": best_epoch, **best, "seconds": time.perf_counter() - t0})
-    print(f"{cfg.name} split {cfg.data.split}: {int((parts == 'train').sum())} train / {int((parts == 'val').sum())} "
-          f"val wells, {len(ds.assays)} assays, best val mean AUC {best['val_mean_auc']:.3f} at epoch {best_epoch}, "
-          f"{time.perf_counter() - t0:.1f} s -> {out / BEST}", flush=True)
-    return out / BEST
+    summary = {"best_epoch": best_epoch, **best, "seconds": time.perf_counter() - t0,
+               "n_train": int((parts == "train").sum()), "n_val": int((parts == "val").sum()),
+               "n_assays": len(ds.assays)}
+    write_json_atomic(out / "train_summary.json", summary)
+    return summary

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+import torch
 
 import evaluate
 import inference
@@ -18,6 +22,7 @@ import train_dino
 from data import stats, synthetic
 from utils import handcrafted
 from utils.cli import run_cli
+from utils.profiles import cli as profiles_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL_FILES = ("well_features.csv", "agg_features.csv", "run.json", "norm.json", "dataset.csv", "checkpoint.pth",
@@ -176,13 +181,19 @@ HANDCRAFTED_CASES = {
 @pytest.mark.parametrize("case", list(HANDCRAFTED_CASES))
 def test_handcrafted_bad_input(env, tmp_path, capsys, case):
     csv, extra, needle = HANDCRAFTED_CASES[case]
-    if csv != "good":  # a failed rerun into a finished folder must not leave the earlier result looking current
+    previous = {}
+    if csv != "good":  # a failed rerun into a finished folder keeps the earlier results as they were (transactional)
         (tmp_path / "hc").mkdir()
         for name in ("well_features.csv", "run.json"):
-            (tmp_path / "hc" / name).write_text("from an earlier run\n")
+            (tmp_path / "hc" / name).write_text(f"{name} from an earlier run\n")
+            previous[name] = (tmp_path / "hc" / name).read_bytes()
     argv = ["--valset", str(env["root"] / f"{csv}.csv"), "-o", str(tmp_path / "hc"), "--workers", "1", *extra]
     _assert_one_line_error(_run(handcrafted.main, argv), capsys.readouterr().err, needle)
-    _assert_no_result(tmp_path / "hc")
+    if previous:
+        assert {n: (tmp_path / "hc" / n).read_bytes() for n in previous} == previous
+        assert not [p.name for p in (tmp_path / "hc").iterdir() if p.name.startswith((".staging", ".lock"))]
+    else:
+        _assert_no_result(tmp_path / "hc")
 
 
 def test_handcrafted_output_under_a_file(env, capsys):
@@ -229,3 +240,190 @@ def test_real_entry_points_print_one_line(env, tmp_path):
         assert proc.returncode == 2, (name, proc.stderr)
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], (name, proc.stderr)
         assert proc.stderr.startswith("error: ") and needle in proc.stderr, (name, proc.stderr)
+
+
+# --- issue 12, item 8: file-system oddities, duplicated headers, resource flags, output paths; items 6 and 7 ----------
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    """Fail (instead of hanging the suite) when the body blocks, as a FIFO read would."""
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s: a read blocked")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def odd(env) -> dict[str, Path]:
+    """Site tables whose first image is a folder, a broken link, a FIFO, garbage or unreadable; duplicated headers;
+    tables without the asked-for controls; a checkpoint whose output is NaN; well tables for ``utils.profiles``."""
+    root = env["root"] / "odd"
+    root.mkdir()
+    table = pd.read_csv(env["good"])
+    targets: dict[str, Callable[[Path], object]] = {
+        "folder": lambda p: p.mkdir(),
+        "broken": lambda p: os.symlink(root / "nowhere.tiff", p),
+        "fifo": lambda p: os.mkfifo(p),
+        "garbage": lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+        "unreadable": lambda p: (p.write_bytes(Path(table["FileName_Merged"][0]).read_bytes()), os.chmod(p, 0)),
+    }
+    for name, make in targets.items():
+        image = root / f"{name}.tiff"
+        make(image)
+        bad = table.copy()
+        bad.loc[0, "FileName_Merged"] = str(image)
+        bad.to_csv(root / f"{name}.csv", index=False)
+    lines = env["good"].read_text().splitlines()
+    (root / "dup_header.csv").write_text("\n".join([lines[0] + ",plate"] + [f"{line},again" for line in lines[1:]])
+                                         + "\n")
+    table.drop(columns=["control_type"]).to_csv(root / "no_control_type.csv", index=False)
+    table.assign(perturbation_id="X").to_csv(root / "no_dmso.csv", index=False)
+    big = root / "big.tiff"
+    pixels = tifffile.imread(table["FileName_Merged"][0])
+    tifffile.imwrite(big, np.pad(pixels, ((0, 0), (0, 32), (0, 32))), photometric="minisblack")
+    table.assign(FileName_Merged=[str(big), *table["FileName_Merged"][1:]]).to_csv(root / "big_site.csv", index=False)
+    ckpt = torch.load(env["ckpt"], map_location="cpu", weights_only=False)
+    for part in ("backbone", "heads"):  # every weight NaN: the embeddings of every well are NaN
+        ckpt[part] = {k: torch.full_like(v, float("nan")) if torch.is_tensor(v) and v.is_floating_point() else v
+                      for k, v in ckpt[part].items()}
+    torch.save(ckpt, root / "nan.pth")
+    wells = pd.read_csv(env["root"] / "eval" / "good" / "dino" / "well_features.csv")
+    wells.to_csv(root / "wells.csv", index=False)
+    wells.assign(**{f"emb{i}": 1.5 for i in range(4)}).to_csv(root / "constant.csv", index=False)
+    text = (root / "wells.csv").read_text()
+    (root / "dup_feature.csv").write_text(text.replace("emb3", "emb2", 1))
+    return {"root": root, "nan": root / "nan.pth", **{p.stem: p for p in root.glob("*.csv")}}
+
+
+ODD_INFERENCE = {
+    "image_is_a_folder": ("folder", [], "folder.tiff: is a folder"),
+    "image_broken_symlink": ("broken", [], "broken.tiff: broken symbolic link"),
+    "image_fifo": ("fifo", [], "fifo.tiff: is a FIFO"),
+    "image_garbage": ("garbage", [], "garbage.tiff: corrupt or unreadable TIFF"),
+    "image_unreadable": ("unreadable", [], "unreadable.tiff: permission denied"),
+    "site_csv_duplicated_header": ("dup_header", [], "dup_header.csv: the site table header lists column(s) 'plate'"),
+    "controls_dmso_match_nothing": ("no_dmso", ["--controls", "DMSO"], "column perturbation_id has no 'DMSO' (it has"),
+    "controls_negcon_no_column": ("no_control_type", ["--controls", "negcon"], "has no control_type column"),
+    "control_query_matches_nothing": ("good", ["--control-query", "well == 'Z99'"], "column well has no 'Z99'"),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_INFERENCE))
+def test_inference_odd_input(env, odd, tmp_path, capsys, case):
+    csv, extra, needle = ODD_INFERENCE[case]
+    if case == "image_unreadable" and IS_ROOT:
+        pytest.skip("running as root: chmod 000 does not stop root from reading the file")
+    argv = _inference(env, tmp_path / "emb", "good", *extra)
+    argv[argv.index("--valset") + 1] = str(env["good"] if csv == "good" else odd[csv])
+    argv[argv.index("--norm_method") + 1] = "no_post_proc"  # a control selection must be checked even here
+    with _deadline(60):
+        code = _run(inference.main, argv)
+    _assert_one_line_error(code, capsys.readouterr().err, needle)
+    _assert_no_result(tmp_path / "emb")
+
+
+def test_inference_skipping_a_fifo_does_not_hang(env, odd, tmp_path, capsys):
+    argv = _inference(env, tmp_path / "emb", "good", "--skip_bad_images")
+    argv[argv.index("--valset") + 1] = str(odd["fifo"])
+    argv[argv.index("--norm_method") + 1] = "no_post_proc"  # 3 wells left: too few to standardise
+    with _deadline(60), pytest.warns(RuntimeWarning, match="fifo.tiff: is a FIFO"):
+        code = _run(inference.main, argv)
+    out = capsys.readouterr()
+    assert code == 0 and "1 skipped" in out.out, out.err
+
+
+def test_inference_degenerate_model_is_named_not_the_controls(env, odd, tmp_path, capsys):
+    for method in ("standardize", "no_post_proc"):  # no_post_proc used to write 0 wells and exit 0
+        code = _run(inference.main, _inference(env, tmp_path / method, "good", ckpt=odd["nan"])[:-1] + [method])
+        out = capsys.readouterr()
+        _assert_one_line_error(code, out.err + out.out, "features are all NaN (a degenerate model output")
+        _assert_no_result(tmp_path / method)
+
+
+def test_inference_absurd_resource_flags_are_capped_not_fatal(env, tmp_path, capsys):
+    argv = _inference(env, tmp_path / "emb", "good", "--batch_size", str(10**9), "--num_workers", str(10**6))
+    with pytest.warns(RuntimeWarning, match="--num_workers 1000000 exceeds the"):
+        assert _run(inference.main, argv) == 0  # the site buffer holds at most the table's 4 sites
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["inference", "handcrafted", "training"])
+def test_output_folder_that_is_a_file(env, capsys, name):
+    out = str(env["afile"])
+    argv = {"inference": lambda: (inference.main, _inference(env, env["afile"])),
+            "handcrafted": lambda: (handcrafted.main, ["--valset", str(env["good"]), "-o", out, "--workers", "1"]),
+            "training": lambda: (train_dino.main, [*DINO_TINY, "--path_df", str(env["good"]), "--output_dir", out])}
+    main, args = argv[name]()
+    _assert_one_line_error(_run(main, args), capsys.readouterr().err, f"{out}: ")
+    assert env["afile"].read_text() == "a file, not a folder\n"
+
+
+ODD_HANDCRAFTED = {
+    "site_csv_duplicated_header": ("dup_header", [], "the site table header lists column(s) 'plate' more than once"),
+    "image_fifo": ("fifo", [], "fifo.tiff: is a FIFO"),
+    "controls_dmso_match_nothing": ("no_dmso", ["--controls", "DMSO"], "column perturbation_id has no 'DMSO'"),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_HANDCRAFTED))
+def test_handcrafted_odd_input(odd, tmp_path, capsys, case):
+    csv, extra, needle = ODD_HANDCRAFTED[case]
+    argv = ["--valset", str(odd[csv]), "-o", str(tmp_path / "hc"), "--workers", "1", *extra]
+    with _deadline(60):
+        _assert_one_line_error(_run(handcrafted.main, argv), capsys.readouterr().err, needle)
+    _assert_no_result(tmp_path / "hc")
+
+
+def test_handcrafted_site_of_another_size_is_measured(odd, tmp_path, capsys):
+    """Per-object features do not depend on the field's size (CellProfiler measures such sites too): no traceback."""
+    argv = ["--valset", str(odd["big_site"]), "-o", str(tmp_path / "hc"), "--workers", "1", "--norm_method", "none",
+            "--feature_select", "none"]
+    assert _run(handcrafted.main, argv) == 0, capsys.readouterr().err
+    assert "4 sites" in capsys.readouterr().out
+
+
+def test_handcrafted_huge_workers_is_capped(env, tmp_path):
+    with pytest.warns(RuntimeWarning, match="--workers 1000000 exceeds the"):
+        cfg = handcrafted.HandcraftedConfig(valset=str(env["good"]), output_dir=str(tmp_path), workers=10**6)
+    assert cfg.workers == len(os.sched_getaffinity(0))
+
+
+def test_training_duplicated_header(env, odd, tmp_path, capsys):
+    code = _run(train_dino.main, [*DINO_TINY, "--path_df", str(odd["dup_header"]), "--output_dir", str(tmp_path)])
+    _assert_one_line_error(code, capsys.readouterr().err, "dup_header.csv: the site table header lists")
+
+
+PROFILES_CASES = {
+    "controls_negcon_no_column": ("wells", ["--controls", "negcon"], "has no control_type column"),
+    "control_query_matches_nothing": ("wells", ["--control-query", "perturbation_id == 'NONE'"],
+                                      "column perturbation_id has no 'NONE' (it has 'DMSO'"),
+    "constant_features_are_degenerate": ("constant", [], "the profiles are constant, so the model output"),
+    "duplicated_feature_header": ("dup_feature", [], "column(s) 'emb2' more than once"),
+}
+
+
+@pytest.mark.parametrize("case", list(PROFILES_CASES))
+def test_profiles_odd_input(odd, tmp_path, capsys, case):
+    name, extra, needle = PROFILES_CASES[case]
+    argv = ["-i", str(odd[name]), "-o", str(tmp_path / "p"), "--norm_method", "standardize", *extra]
+    _assert_one_line_error(_run(profiles_cli.main, argv), capsys.readouterr().err, needle)
+    _assert_no_result(tmp_path / "p")
+
+
+def test_profiles_output_folder_that_is_a_file(env, odd, capsys):
+    argv = ["-i", str(odd["wells"]), "-o", str(env["afile"]), "--norm_method", "standardize"]
+    _assert_one_line_error(_run(profiles_cli.main, argv), capsys.readouterr().err, f"{env['afile']}: exists")
+
+
+def test_stats_output_file_that_is_a_folder(env, tmp_path, capsys):
+    (tmp_path / "norm.json").mkdir()
+    code = _run(stats.main, [str(env["good"]), "-o", str(tmp_path / "norm.json"), "--workers", "1"])
+    _assert_one_line_error(code, capsys.readouterr().err, "norm.json")

@@ -75,17 +75,23 @@ def _gather_worker(rank: int, port: int, queue) -> None:
         distributed.cleanup()
 
 
-def test_all_gather_with_grad_matches_single_process_gradients():
+def _two_ranks(target, *args) -> list:
+    """Run ``target(rank, port, *args, queue)`` in a real 2-process gloo group; each rank's queued result, sorted."""
     port = distributed.free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_gather_worker, args=(r, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, *args, queue)) for r in range(2)]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return results
+
+
+def test_all_gather_with_grad_matches_single_process_gradients():
+    results = _two_ranks(_gather_worker)
     torch.manual_seed(0)
     full = torch.randn(4, 3).requires_grad_(True)
     weights = torch.randn(2, 4, 3)
@@ -95,3 +101,35 @@ def test_all_gather_with_grad_matches_single_process_gradients():
         torch.testing.assert_close(torch.from_numpy(gathered), full.detach())
         torch.testing.assert_close(torch.from_numpy(grad), full.grad[2 * rank : 2 * rank + 2])
     assert not dist.is_initialized()
+
+
+def _lock_worker(rank: int, port: int, folder: str, queue) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
+    info = distributed.init_distributed(device="cpu")
+    try:
+        try:
+            lock = distributed.claim_output(folder, info)
+            queue.put((rank, "held" if lock is not None else "shared", ""))
+            if lock is not None:
+                lock.release()
+        except ConfigError as exc:
+            queue.put((rank, "refused", str(exc)))
+        distributed.barrier()
+    finally:
+        distributed.cleanup()
+
+
+def test_torchrun_ranks_share_rank_zeros_lock_and_its_refusal(tmp_path):
+    """Rank 0 alone takes the lock; when another run holds the folder every rank stops with rank 0's message."""
+    from utils.rundir import OutputLock
+
+    folder = str(tmp_path / "out")
+    assert [r[1] for r in _two_ranks(_lock_worker, folder)] == ["held", "shared"]
+    other = OutputLock(folder).acquire()  # this test process, alive, plays the other run
+    try:
+        results = _two_ranks(_lock_worker, folder)
+    finally:
+        other.release()
+    assert [r[1] for r in results] == ["refused", "refused"]
+    assert results[0][2] == results[1][2] and f"in use by pid {os.getpid()}" in results[0][2]

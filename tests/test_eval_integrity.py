@@ -69,7 +69,7 @@ def test_duplicated_header_columns_are_named(tmp_path: Path, column: str) -> Non
     header, body = path.read_text().split("\n", 1)
     path.write_text(f"{header},{column}\n" + "\n".join(f"{line},0" for line in body.splitlines()) + "\n")
     assert column + ".1" in pd.read_csv(path).columns  # what pandas would have scored without a word
-    with pytest.raises(DataError, match=rf"well_features.csv: duplicated column name\(s\) in the header: {column} "):
+    with pytest.raises(DataError, match=rf"well_features.csv: the well table header lists column\(s\) '{column}' more"):
         _evaluate(tmp_path, tmp_path / "out")
 
 
@@ -81,7 +81,7 @@ def test_duplicated_parquet_columns_are_named(tmp_path: Path) -> None:
     table = pa.table([pa.array(df[c]) for c in df.columns] + [pa.array(df["emb0"])], names=[*df.columns, "emb0"])
     (tmp_path / "DINO").mkdir()
     pq.write_table(table, tmp_path / "DINO" / "well_features.parquet")
-    with pytest.raises(DataError, match=r"well_features.parquet: duplicated column name\(s\) in the header: emb0"):
+    with pytest.raises(DataError, match=r"well_features.parquet: the well table header lists column\(s\) 'emb0' more"):
         _evaluate(tmp_path, tmp_path / "out")
 
 

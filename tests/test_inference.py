@@ -142,19 +142,20 @@ def _corrupt(data: Path) -> Path:
     return bad
 
 
-def test_corrupt_tiff_stops_with_its_name_and_no_complete_output(
+def test_corrupt_tiff_stops_with_its_name_and_keeps_the_previous_results(
     data_dir: Path, ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = _copy(data_dir, tmp_path)
     out = tmp_path / "out"
     _run(data, ckpt, out)
-    assert (out / "well_features.csv").is_file()
+    before = {n: (out / n).read_bytes() for n in ("well_features.csv", "agg_features.csv", "run.json")}
     bad = _corrupt(data)
     with pytest.raises(DataError) as info:
         _run(data, ckpt, out)
     assert bad.name in str(info.value) and "\n" not in str(info.value)
-    assert not (out / "well_features.csv").exists() and not (out / "run.json").exists()
-    assert not (out / "agg_features.csv").exists()
+    # the failed run changed nothing of the complete one, and left no lock or staged tables
+    assert {n: (out / n).read_bytes() for n in before} == before
+    assert not (out / ".lock").exists() and not list(out.glob(".staging-*"))
     monkeypatch.setattr(sys, "argv", ["inference.py", *_args(data, ckpt, tmp_path / "cli")])
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main)

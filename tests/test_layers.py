@@ -14,7 +14,7 @@ PACKAGES = ("utils", "data", "models", "supervised_baseline")
 SCRIPTS = ("inference.py", "evaluate.py", "train_dino.py", "train_mae.py", "train_simclr.py")
 
 LEAF = {"utils.errors", "utils.cli", "utils.fileio", "utils.seeding", "utils.logging", "utils.distributed",
-        "utils.precision"}
+        "utils.precision", "utils.rundir", "utils.resources"}
 PIPELINES = ("utils.profiles", "utils.inference", "utils.evaluation", "utils.handcrafted", "utils.training")
 # Which other pipelines each pipeline may import (docs/ARCHITECTURE.md, "Layers"): profiles is the shared base,
 # the training probe uses inference and evaluation; nothing imports training, and nothing the other way.

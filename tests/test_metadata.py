@@ -95,7 +95,7 @@ def test_duplicated_wells_and_headers_in_the_platemap_are_errors(tmp_path: Path)
         _load(_load_data(tmp_path), platemap=_platemap(tmp_path, [*MAP_ROWS, MAP_ROWS[1]]))
     dup = tmp_path / "dup.csv"
     dup.write_text("Metadata_Well,Metadata_broad_sample,Metadata_broad_sample\nA01,x,y\n")
-    with pytest.raises(DataError, match=r"dup.csv: duplicated column\(s\) 'Metadata_broad_sample'"):
+    with pytest.raises(DataError, match=r"dup.csv: the plate map header lists column\(s\) 'Metadata_broad_sample'"):
         _load(_load_data(tmp_path), platemap=dup)
     nowell = _platemap(tmp_path, [{"Metadata_broad_sample": "x"}], "nowell.csv")
     with pytest.raises(DataError, match="nowell.csv: plate map has no well column"):

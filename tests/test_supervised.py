@@ -656,29 +656,33 @@ def test_duplicated_headers_are_named(tmp_path: Path) -> None:
     from supervised_baseline.data import read_features
 
     (tmp_path / "w.csv").write_text("perturbation_id,emb0,emb0\nA,1,2\n")
-    with pytest.raises(DataError, match=r"duplicated column\(s\) \['emb0'\]"):
+    with pytest.raises(DataError, match=r"w.csv: the .* header lists column\(s\) 'emb0' more than once"):
         read_features(tmp_path / "w.csv")
     (tmp_path / "l.csv").write_text("perturbation_id,a1,a1\nA,1,0\n")
-    with pytest.raises(DataError, match=r"duplicated column\(s\) \['a1'\]"):
+    with pytest.raises(DataError, match=r"l.csv: the .* header lists column\(s\) 'a1' more than once"):
         read_labels(tmp_path / "l.csv")
 
 
-def test_a_failed_rerun_leaves_no_earlier_results_looking_current(tmp_path: Path, small: dict) -> None:
-    """Train and eval delete their earlier final files before they start, so a failure cannot pass for success."""
+def test_a_failed_rerun_keeps_the_earlier_results(tmp_path: Path, small: dict) -> None:
+    """Train and eval stage their files and swap them in at the end: a failed rerun leaves the earlier model and
+    scores byte-identical, with no staging folder or lock behind; a finished retrain drops the old scores."""
     data = {"features": small["features"], "labels": small["labels"]}
     out = tmp_path / "o"
-    out.mkdir()
-    stale = ["test_metrics.csv", "test_summary.json", "model_best.pt", "train_summary.json"]
-    for name in stale:
-        (out / name).write_text("from an earlier run")
+    cfg = quick(data, out)
+    evaluate(dataclasses.replace(cfg, checkpoint=str(train(cfg))))
+    names = ["test_metrics.csv", "test_summary.json", "model_best.pt", "train_summary.json", "run.json"]
+    before = {name: (out / name).read_bytes() for name in names}
     with pytest.raises((CheckpointError, DataError), match="none.pt"):
         evaluate(quick(data, out, checkpoint=str(tmp_path / "none.pt")))
-    assert not (out / "test_metrics.csv").exists() and not (out / "test_summary.json").exists()
     bad = dict(data, labels=str(tmp_path / "missing.csv"))
     (tmp_path / "missing.csv").write_text("perturbation_id,a1\nnobody,1\n")  # no compound in common: fails
     with pytest.raises(DataError, match="no compound in common"):
         train(quick(bad, out))
-    assert [name for name in stale if (out / name).exists()] == []
+    assert {name: (out / name).read_bytes() for name in names} == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".staging", ".lock"))]
+    assert json.loads((out / "run.json").read_text())["scored"] is True
+    train(cfg)
+    assert not (out / "test_metrics.csv").exists() and "scored" not in json.loads((out / "run.json").read_text())
 
 
 def test_a_rerun_into_the_same_folder_starts_its_log_afresh(tmp_path: Path, small: dict) -> None:

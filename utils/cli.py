@@ -3,19 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from utils.errors import UserError
 
+# what the machine, not the program, got wrong: a full disk or quota, a file-size limit, a permission, a read-only or
+# failing file system. Each is the user's to fix, so each gets one line naming the path, never a traceback
+IO_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
+                       errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE})
+
+
+def io_error_message(exc: OSError) -> str | None:
+    """``<path>: <reason>`` for an I/O error the user must fix (see IO_ERRNOS), None for any other OSError."""
+    if exc.errno not in IO_ERRNOS:
+        return None
+    reason = exc.strerror or os.strerror(exc.errno)
+    return f"{exc.filename}: {reason}" if exc.filename else f"{reason} (while reading or writing a file)"
+
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run ``main`` and turn a UserError into ``error: <message>`` on stderr with exit code 2."""
+    """Run ``main`` and turn a UserError, or an I/O error of the machine (disk full, permission, read-only),
+    into ``error: <message>`` on stderr with exit code 2."""
     try:
         code = main()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        message = io_error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, UserError
+from utils.rundir import OutputLock
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,24 @@ def init_distributed(
             kwargs["device_id"] = dev
         dist.init_process_group(**kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, is_main=rank == 0, launcher=launcher)
+
+
+def claim_output(folder: str | os.PathLike[str], info: DistInfo) -> OutputLock | None:
+    """Rank 0 locks the output folder and every rank learns the outcome, so a held folder stops the whole job with
+    the same one-line error instead of leaving the other ranks waiting at their first collective."""
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = OutputLock(folder).acquire()
+        except UserError as exc:
+            error = str(exc)
+    if info.distributed and dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ConfigError(error)
+    return lock
 
 
 def is_distributed() -> bool:

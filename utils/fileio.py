@@ -37,6 +37,8 @@ def ensure_dir(path: str | os.PathLike[str]) -> Path:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
     target = Path(path)
+    if target.is_dir():  # os.replace would fail only after the whole file was written, with a bare IsADirectoryError
+        raise ConfigError(f"{target}: is a folder, expected a file path to write")
     ensure_dir(target.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -46,7 +48,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     os.chmod(tmp_path, _FILE_MODE)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as exc:
+            if exc.filename is None and exc.errno is not None:  # a write through a handle names no file: name it
+                raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(target)) from exc
+            raise
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

@@ -7,10 +7,8 @@ than as a NaN (or a wrong number) in the results.
 from __future__ import annotations
 
 import csv
-import gzip
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,9 +17,11 @@ import numpy as np
 import pandas as pd
 
 from data.metadata import apply_column_map as apply_explicit_map
+from data.metadata import header_names, repeated_names, repeated_names_message
 from utils.errors import DataError
 from utils.evaluation.config import DEFAULT_CONTROLS, METADATA_PRESETS, EvalConfig
 from utils.profiles.features import detect_features, finite_features
+from utils.rundir import RUN_FILE, completed_run
 
 WELL_FILES = ("well_features.csv", "well_features.csv.gz", "well_features.parquet")
 SKIP_DIRS = {"figures"}
@@ -41,7 +41,12 @@ class Representation:
 
 
 def discover_representations(root: Path) -> list[tuple[str, Path]]:
-    """Every subfolder except figures/ and hidden ones must hold a well_features.csv; say which does not."""
+    """Every subfolder except figures/ and hidden ones must hold a well_features.csv; say which does not.
+
+    A folder this project wrote is trusted through its run.json only (``utils.rundir.completed_run``): a run killed
+    while swapping its tables in, or a run.json that is not "complete", is an error, because the tables beside it
+    may mix two runs. Folders without run.json (published embeddings, other tools) are read as they are.
+    """
     if not root.is_dir():
         raise DataError(f"{root}: input directory does not exist (check -b/--basedir and -i/--input)")
     found = []
@@ -51,6 +56,9 @@ def discover_representations(root: Path) -> list[tuple[str, Path]]:
         files = [sub / f for f in WELL_FILES if (sub / f).is_file()]
         if not files:
             raise DataError(f"{sub}: no well_features.csv (every folder in {root} except figures/ is a representation)")
+        run = completed_run(sub)
+        if run is not None and run.get("status", "complete") != "complete":
+            raise DataError(f"{sub / RUN_FILE}: status {run.get('status')!r}, not 'complete'; rerun it first")
         found.append((sub.name, files[0]))
     if not found:
         raise DataError(f"{root}: no representation folders with a well_features.csv")
@@ -83,28 +91,11 @@ def _some(values: Iterable[object], n: int = 5) -> str:
     return ", ".join(values[:n]) + (", ..." if len(values) > n else "")
 
 
-def header_columns(path: Path) -> list[str]:
-    """The column names exactly as the file spells them.
-
-    pandas renames a repeated CSV name to ``name.1``, so a duplicated feature or metadata column would be read as
-    two different columns without a word; only the header itself shows the repetition.
-    """
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # lazy: only parquet inputs need it
-
-        return [str(n) for n in pq.read_schema(path).names]
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="", encoding="utf-8-sig", errors="replace") as fh:
-        return next(csv.reader(fh), [])
-
-
 def check_unique_columns(columns: Sequence[object], source: object) -> None:
-    """Reject repeated column names (blank ones are pandas index columns and are dropped anyway)."""
-    counts = Counter(str(c) for c in columns if str(c).strip())
-    dup = [name for name, k in counts.items() if k > 1]
-    if dup:
-        raise DataError(f"{source}: duplicated column name(s) in the header: {_some(dup)} "
-                        "(each column must appear once; pandas would silently rename the copies)")
+    """Reject repeated column names in a frame or a raw header (``data.metadata`` words the error for every reader)."""
+    repeated = repeated_names(columns)
+    if repeated:
+        raise DataError(repeated_names_message(source, "well table", repeated))
 
 
 def check_unique_wells(df: pd.DataFrame, source: object) -> None:
@@ -130,7 +121,7 @@ def load_representation(name: str, path: Path, cfg: EvalConfig) -> Representatio
     kind = "parquet file" if path.suffix == ".parquet" else "CSV"
     errors = (OSError, ValueError, csv.Error, pd.errors.ParserError, UnicodeDecodeError)
     try:
-        header = header_columns(path)
+        header = header_names(path)
     except errors as exc:
         raise DataError(f"{path}: cannot read {kind} ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
     check_unique_columns(header, path)  # before reading: pandas renames CSV copies, and pyarrow fails on them

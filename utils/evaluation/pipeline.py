@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,8 +45,8 @@ from utils.evaluation.metrics import (
 )
 from utils.evaluation.metrics.integration import batch_removal, bio_conservation, overall
 from utils.evaluation.report import RepResult, check_compare_to, write_outputs
-from utils.fileio import ensure_dir
 from utils.profiles.controls import control_mask, ids_query
+from utils.rundir import output_run
 
 PR_COLUMNS = [
     "avg_precision_micro", "avg_recall_micro", "avg_f1_micro",
@@ -351,7 +353,9 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     -------
     pathlib.Path
         ``cfg.out_dir``, which now holds well_metrics.csv, the four *_prec_recall_* tables, map_results.csv,
-        summary.md and (unless ``cfg.figures`` is false) figures/.
+        summary.md, (unless ``cfg.figures`` is false) figures/, and run.json last: the folder is locked for the
+        run and every file is swapped in together at the end (``utils.rundir``), so a failed run leaves an
+        earlier run's results as they were.
     """
     start = time.perf_counter()
     found = discover_representations(cfg.input_dir)
@@ -364,12 +368,40 @@ def run_evaluation(cfg: EvalConfig) -> Path:
         reps.append(rep)
     # every table is read and checked before any metric runs, and all are scored on the wells they share
     reps, well_counts = align_wells(reps, cfg)
-    ensure_dir(cfg.out_dir)
-    results = {}
-    for rep in reps:
-        results[rep.name] = evaluate_representation(rep, cfg)
-        results[rep.name].well.update(well_counts[rep.name])
-    write_outputs(results, cfg)
+    with output_run(cfg.out_dir) as tx:
+        results = {}
+        for rep in reps:
+            results[rep.name] = evaluate_representation(rep, cfg)
+            results[rep.name].well.update(well_counts[rep.name])
+        written = write_outputs(results, cfg, tx.staging)
+        tx.commit(run_record(cfg, reps, well_counts, written, time.perf_counter() - start),
+                  stale=previous_outputs(cfg.out_dir))
     print(f"evaluated {len(results)} representation(s) in {time.perf_counter() - start:.1f} s; "
           f"results in {cfg.out_dir}")
     return cfg.out_dir
+
+
+FIXED_OUTPUTS = ("well_metrics.csv", "pert_prec_recall_k.csv", "pert_prec_recall_cor.csv", "target_prec_recall_k.csv",
+                 "target_prec_recall_cor.csv", "map_results.csv", "summary.md", "run.json")
+
+
+def previous_outputs(out_dir: Path) -> list[str]:
+    """An earlier evaluation's files in ``out_dir`` (tables and figures): the ones this run does not remake go."""
+    figures = out_dir / "figures"
+    old = [str(p.relative_to(out_dir)) for p in figures.rglob("*") if p.is_file()] if figures.is_dir() else []
+    return [*FIXED_OUTPUTS, *old]
+
+
+def run_record(cfg: EvalConfig, reps: list[Representation], well_counts: dict[str, dict[str, Any]],
+               written: list[Path], seconds: float) -> dict[str, Any]:
+    """run.json of an evaluation: what was read, how many wells each representation kept, what was written."""
+    return {
+        "status": "complete",
+        "input_dir": str(Path(cfg.input_dir).resolve()),
+        "representations": {r.name: {"path": str(r.path), "kind": r.kind, "n_wells": int(len(r.meta)),
+                                     "n_features": len(r.features), **well_counts.get(r.name, {})} for r in reps},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "outputs": [str(p) for p in written],
+        "command": sys.argv,
+        "seconds": round(seconds, 3),
+    }

@@ -121,9 +121,9 @@ def check_compare_to(cfg: EvalConfig, names: Sequence[str]) -> None:
                           f"(found {', '.join(map(str, names))})")
 
 
-def write_outputs(results: dict[str, RepResult], cfg: EvalConfig) -> list[Path]:
-    """The paper's CSVs, map_results.csv, summary.md and figures/, all written atomically."""
-    out = cfg.out_dir
+def write_outputs(results: dict[str, RepResult], cfg: EvalConfig, out: Path) -> list[Path]:
+    """The paper's CSVs, map_results.csv, summary.md and figures/ under ``out`` (the run's staging folder, swapped
+    into ``cfg.out_dir`` with run.json once everything is written); returns the paths relative to ``out``."""
     lab = cfg.label
     well = pd.DataFrame([r.well for r in results.values()])
     frames = {
@@ -148,19 +148,19 @@ def write_outputs(results: dict[str, RepResult], cfg: EvalConfig) -> list[Path]:
               f"{row['overall_score']:.3f} (0.4 x batch + 0.6 x bio)", file=sys.stderr)
     written.append(out / "summary.md")
     if cfg.figures:
-        written += write_figures(results, well, frames, map_df, cfg)
-    return written
+        written += write_figures(results, well, frames, map_df, cfg, out / "figures")
+    return [p.relative_to(out) for p in written]
 
 
 def write_figures(results: dict[str, RepResult], well: pd.DataFrame, frames: dict[str, pd.DataFrame],
-                  map_df: pd.DataFrame, cfg: EvalConfig) -> list[Path]:
+                  map_df: pd.DataFrame, cfg: EvalConfig, fig: Path) -> list[Path]:
     """The paper's scatter plots, PR curves, mAP per group and the consensus PCA, as PNG and PDF."""
     # lazy: matplotlib costs about 0.3 s to import and plots selects the Agg backend on import; the training probe
     # imports this package for its mAP and never draws, and --no-figures runs need neither
     from utils.evaluation import plots
 
     lab = cfg.label
-    fig = cfg.out_dir / "figures"
+    fig.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     labelled = any(len(r.consensus[1]) for r in results.values())  # no label column anywhere: no label figures
     written += plots.map_vs_accuracy(well, "pert_acc_NSB", "pert_mAP", fig / "pert_metrics_plot", "perturbation")

@@ -8,7 +8,6 @@ code: ``run(HandcraftedConfig(valset="plates/dataset.csv", output_dir="emb/CellP
 
 from __future__ import annotations
 
-import os
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -26,8 +25,9 @@ from utils.handcrafted.profiles import (
 )
 from utils.profiles.controls import CONTROL_CHOICES
 from utils.profiles.normalize import NO_NORMALISATION
+from utils.resources import available_cpus, cap_workers
 
-DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
+DEFAULT_WORKERS = max(1, min(8, available_cpus()))
 
 
 def split_list(value: str) -> tuple[str, ...]:
@@ -81,6 +81,8 @@ class HandcraftedConfig:
                 raise ConfigError(f"channel {name!r} is needed for segmentation but --channels is {self.channels!r}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        # one process per site in flight: more processes than CPUs only cost memory (100000 of them hung the machine)
+        object.__setattr__(self, "workers", cap_workers("--workers", self.workers, default=DEFAULT_WORKERS))
         for flag in ("site_operation", "well_operation"):
             if getattr(self, flag) not in OPERATIONS:
                 raise ConfigError(f"--{flag} {getattr(self, flag)!r} is not one of {', '.join(OPERATIONS)}")

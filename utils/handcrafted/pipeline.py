@@ -21,7 +21,7 @@ from data.io import read_site
 from data.schema import INFERENCE_REQUIRED, load_site_table
 from data.segmentation import SegmentationParams, segment
 from utils.errors import DataError
-from utils.fileio import ensure_dir, write_csv_atomic, write_json_atomic
+from utils.fileio import write_csv_atomic
 from utils.handcrafted.config import HandcraftedConfig
 from utils.handcrafted.measure import COUNT_COLUMN, MeasureOptions, measure_site, site_profile
 from utils.handcrafted.profiles import (
@@ -34,6 +34,7 @@ from utils.handcrafted.profiles import (
     select_features,
 )
 from utils.profiles.features import feature_columns
+from utils.rundir import Transaction, output_run
 
 OUTPUTS: tuple[str, ...] = ("site_features.csv", "well_features.csv", "run.json")
 
@@ -79,8 +80,8 @@ def compute_site_features(table: pd.DataFrame, channels: Sequence[str], params: 
 def run(cfg: HandcraftedConfig) -> dict[str, Any]:
     """Run the whole handcrafted baseline and return the summary it writes to run.json.
 
-    Earlier outputs in ``cfg.output_dir`` are deleted first, so a failed rerun never leaves a result that looks
-    current; the CSVs are written only once every stage has succeeded.
+    The output folder is locked for the run, and the CSVs and run.json are staged and swapped in together once
+    every stage has succeeded (``utils.rundir``): a failed rerun leaves the earlier complete results untouched.
 
     Parameters
     ----------
@@ -95,16 +96,16 @@ def run(cfg: HandcraftedConfig) -> dict[str, Any]:
         the settings (``args`` is ``dataclasses.asdict(cfg)``), package versions and the wall time in seconds.
     """
     start = time.time()
-    channels = cfg.channel_names
-    params = cfg.segmentation
-    options = cfg.measurement
-    select = cfg.select_operations
-    table = load_site_table(cfg.valset, image_root=cfg.image_root, channels=channels, required=INFERENCE_REQUIRED,
-                            platemap=cfg.platemap, column_map=cfg.column_map)
+    table = load_site_table(cfg.valset, image_root=cfg.image_root, channels=cfg.channel_names,
+                            required=INFERENCE_REQUIRED, platemap=cfg.platemap, column_map=cfg.column_map)
     table = limit_sites(table, cfg.max_sites_per_well)
-    out = ensure_dir(cfg.output_dir)
-    for stale in OUTPUTS:
-        (out / stale).unlink(missing_ok=True)
+    with output_run(cfg.output_dir) as tx:
+        return measure_and_commit(cfg, table, tx, start)
+
+
+def measure_and_commit(cfg: HandcraftedConfig, table: pd.DataFrame, tx: Transaction, start: float) -> dict[str, Any]:
+    """Measure, aggregate, normalise and select, staging the tables in ``tx``; commit with run.json last."""
+    channels, params, options, select = cfg.channel_names, cfg.segmentation, cfg.measurement, cfg.select_operations
     sites = compute_site_features(table, channels, params, options, cfg.site_operation, cfg.workers)
     wells, clean_report = drop_incomplete(aggregate(sites, cfg.well_operation))
     normalised, norm_report = normalize(wells, cfg.norm_method, cfg.control_query, cfg.controls, cfg.batch_key)
@@ -113,8 +114,8 @@ def run(cfg: HandcraftedConfig) -> dict[str, Any]:
     selected = select_features(normalised, select, cfg.corr_threshold)
     if not feature_columns(selected):
         raise DataError("feature selection removed every feature; try --feature_select none or fewer operations")
-    write_csv_atomic(sites, out / "site_features.csv")
-    write_csv_atomic(selected, out / "well_features.csv")
+    write_csv_atomic(sites, tx.path("site_features.csv"))
+    write_csv_atomic(selected, tx.path("well_features.csv"))
     summary = {
         "n_sites": len(sites), "n_wells": len(selected), "n_objects": int(sites[COUNT_COLUMN].sum()),
         "n_features_measured": len(feature_columns(wells)), "n_features": len(feature_columns(selected)),
@@ -125,5 +126,5 @@ def run(cfg: HandcraftedConfig) -> dict[str, Any]:
         "args": asdict(cfg), "versions": {p: metadata.version(p) for p in ("cp-measure", "pycytominer")},
         "seconds": round(time.time() - start, 2),
     }
-    write_json_atomic(out / "run.json", summary)
+    tx.commit(summary, stale=OUTPUTS)
     return summary

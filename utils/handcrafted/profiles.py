@@ -21,8 +21,8 @@ from utils.handcrafted.measure import COUNT_COLUMN
 from utils.profiles.aggregate import OPERATIONS
 from utils.profiles.chain import SELECT_OPERATIONS, normalize_profiles, parse_chain
 from utils.profiles.chain import select_features as select_profile_features
-from utils.profiles.controls import control_mask, resolve_control_query
-from utils.profiles.features import feature_columns
+from utils.profiles.controls import control_mask, no_match_message, resolve_control_query
+from utils.profiles.features import feature_columns, finite_features
 from utils.profiles.normalize import NO_NORMALISATION, canonical_method
 
 WELL_KEYS: tuple[str, ...] = ("batch", "plate", "well")
@@ -152,12 +152,11 @@ def normalize(df: pd.DataFrame, method: str = "mad_robustize", control_query: st
     meta = [c for c in df.columns if c not in features]
     query = resolve_control_query(df, controls, control_query)
     report["control_query"] = query
-    if not np.isfinite(df[features].to_numpy(dtype=np.float64)).all():
-        raise DataError("normalisation: well profiles contain NaN or inf features; run drop_incomplete first")
+    finite_features(df, features, "normalisation", csv_rows=False, hint="run drop_incomplete first")
     finite = list(features)
     ctrl = control_mask(df, query)
     if not ctrl.any():
-        raise DataError(f"{method}: no control wells match {query!r}; pass --controls or --control_query")
+        raise DataError(f"{no_match_message(df, query, method)}; pass --controls or --control_query")
     per_plate = pd.Series(ctrl, index=df.index).groupby(df["plate"], sort=False).sum()
     if (per_plate < 2).any():
         plate = per_plate.index[int(np.argmax((per_plate < 2).to_numpy()))]

@@ -25,6 +25,7 @@ from models.backbones import ARCHS
 from utils.errors import ConfigError
 from utils.precision import AUTO, DTYPES
 from utils.profiles import CONTROL_CHOICES, NORM_METHODS, OPERATIONS, SCOPES, canonical_method, parse_chain
+from utils.resources import cap_workers
 
 MODELS = ("dino", "mae", "simclr")
 POOLS = ("cls", "mean", "mean_prenorm")
@@ -34,6 +35,8 @@ MAD_REFERENCES = ("all", "controls")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = (AUTO, *DTYPES)
 ALL_METHODS = "all"
+DEFAULT_NUM_WORKERS = 6
+READER_THREADS_PER_CPU = 4  # reader threads mostly wait on the disk (memory-mapped reads), so a few per CPU pay off
 IN_MEMORY = "<in-memory weights>"  # ckpt of a config used by embed_profiles around a live model (the probe)
 
 
@@ -47,7 +50,7 @@ class InferenceConfig:
     arch: str = "vit_small_patch16"
     valset: str = "data/JUMP_valset.csv"
     batch_size: int = 32
-    num_workers: int = 6
+    num_workers: int = DEFAULT_NUM_WORKERS
     size: int = 224
     stride: int | None = None
     gpus: tuple[int, ...] | None = None
@@ -94,6 +97,9 @@ class InferenceConfig:
         object.__setattr__(self, "column_map", column_pairs(self.column_map))
         object.__setattr__(self, "norm_method", canonical_method(self.norm_method))
         self._check()
+        threads = cap_workers("--num_workers", self.num_workers, per_cpu=READER_THREADS_PER_CPU,
+                              default=DEFAULT_NUM_WORKERS)
+        object.__setattr__(self, "num_workers", threads)
 
     def _check(self) -> None:
         """Reject impossible values before any work starts, naming the flag."""

@@ -1,5 +1,6 @@
 """What inference writes: plates merged into one well table, normalised per method, consensus profiles, the
-tables (CSV and optional parquet, each atomic) and ``run.json`` last."""
+tables (CSV and optional parquet), staged in the run's transaction (``utils.rundir``) and committed with ``run.json``
+last."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from utils.fileio import atomic_path, write_csv_atomic
 from utils.inference.config import ALL_METHODS, InferenceConfig
 from utils.inference.plates import SITE_META, PlateResult, well_meta
 from utils.profiles import NORM_METHODS, consensus, embedding_names, feature_columns, normalize_profiles
+from utils.rundir import Transaction
 
 FINAL_FILES = ("well_features", "agg_features", "site_features", "cell_features")
 CELL_FILE = "cell_features.parquet"
@@ -33,23 +35,23 @@ def versions() -> dict[str, str]:
     return out
 
 
-def clear_final_outputs(outdir: Path) -> None:
-    """Remove outputs of an earlier run up front, so a failed run never leaves a complete-looking result."""
-    targets = [outdir / "run.json"]
-    for folder in [outdir, *(outdir / m for m in NORM_METHODS)]:
-        targets += [folder / f"{name}.{ext}" for name in FINAL_FILES for ext in ("csv", "parquet")]
-    for path in targets:
-        if path.is_file():
-            path.unlink()
+def final_names() -> list[str]:
+    """Every final file an inference run can write, relative to its folder: an earlier run's ones this run does not
+    remake are removed when it commits, so the folder never mixes two runs."""
+    names = ["run.json", CELL_FILE]
+    for folder in ["", *(f"{m}/" for m in NORM_METHODS)]:
+        names += [f"{folder}{name}.{ext}" for name in FINAL_FILES for ext in ("csv", "parquet")]
+    return names
 
 
-def write_table(df: pd.DataFrame, folder: Path, name: str, parquet: bool) -> list[str]:
-    write_csv_atomic(df, folder / f"{name}.csv")
-    written = [str(folder / f"{name}.csv")]
+def write_table(df: pd.DataFrame, tx: Transaction, rel: str, parquet: bool) -> list[str]:
+    """Stage ``<rel>.csv`` (and ``<rel>.parquet``) in the run's transaction; returns the final paths."""
+    write_csv_atomic(df, tx.path(f"{rel}.csv"))
+    written = [str(tx.folder / f"{rel}.csv")]
     if parquet:
-        with atomic_path(folder / f"{name}.parquet") as tmp:
+        with atomic_path(tx.path(f"{rel}.parquet")) as tmp:
             df.to_parquet(tmp, index=False)
-        written.append(str(folder / f"{name}.parquet"))
+        written.append(str(tx.folder / f"{rel}.parquet"))
     return written
 
 
@@ -131,9 +133,9 @@ def drop_empty_wells(wells: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, 
 
 
 def write_profiles(
-    wells: pd.DataFrame, cfg: InferenceConfig, control_query: str, outdir: Path
+    wells: pd.DataFrame, cfg: InferenceConfig, control_query: str, tx: Transaction
 ) -> tuple[dict[str, int], list[str], dict[str, list[dict[str, Any]]]]:
-    """Normalise the wells with each requested method and write agg_features then well_features; returns the
+    """Normalise the wells with each requested method and stage agg_features and well_features; returns the
     number of features each method kept, the files written, and each method's step records."""
     feats = feature_columns(wells)
     meta = [c for c in wells.columns if c not in feats]
@@ -142,12 +144,12 @@ def write_profiles(
     written: list[str] = []
     steps: dict[str, list[dict[str, Any]]] = {}
     for method in tqdm(methods, desc="normalise", unit="method", disable=len(methods) == 1, leave=False):
-        folder = outdir / method if cfg.norm_method == ALL_METHODS else outdir
+        folder = f"{method}/" if cfg.norm_method == ALL_METHODS else ""
         steps[method] = []
         norm, kept = normalise_wells(wells, feats, meta, method, control_query, cfg, steps[method])
         agg = consensus(norm, kept, ["perturbation_id"], cfg.operation,
                         carry=("target", "control_type", "gene_group"))
-        written += write_table(agg, folder, "agg_features", cfg.parquet)
-        written += write_table(norm, folder, "well_features", cfg.parquet)
+        written += write_table(agg, tx, f"{folder}agg_features", cfg.parquet)
+        written += write_table(norm, tx, f"{folder}well_features", cfg.parquet)
         kept_counts[method] = len(kept)
     return kept_counts, written, steps

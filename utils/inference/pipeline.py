@@ -19,8 +19,9 @@ Flow (one process, or one rank of ``torchrun --nproc_per_node=N inference.py ...
    ``agg_features.csv`` then ``well_features.csv`` (in ``<outdir>/<method>/`` for each method with ``--norm_method
    all``), optional ``site_features.csv`` (raw site profiles with ``n_valid_tiles``) and parquet copies, and
    ``run.json`` last (status, checkpoint sha256, flags, resolved settings, control query, versions, skipped files,
-   empty sites/wells, per-plate reports and timings). Final outputs of an earlier run are deleted at start, so a
-   failed run never leaves a complete-looking result.
+   empty sites/wells, per-plate reports and timings). The final files are staged and swapped in together at the end
+   (``utils.rundir``): a failed or refused run leaves an earlier run's complete results untouched, and
+   ``<outdir>/.lock`` keeps a second run out of the folder while this one runs.
 
 Modules: ``config`` (InferenceConfig, the flags), ``context`` (backbone and device step), ``plates`` (embed and pool
 one plate), ``cells`` (the same for ``--crop-mode cells``: one crop per nucleus), ``parts`` (per-plate results on
@@ -50,17 +51,16 @@ from tqdm import tqdm
 
 from data.locations import check_location_files
 from data.schema import INFERENCE_REQUIRED, load_site_table
-from utils.distributed import DistInfo
+from utils.distributed import DistInfo, claim_output
 from utils.errors import ConfigError, DataError
-from utils.fileio import ensure_dir, write_json_atomic
 from utils.inference.cells import COUNT_COLUMN as CELL_COUNT
 from utils.inference.cells import embed_plate_cells, pool_plate_cells
 from utils.inference.config import ALL_METHODS, IN_MEMORY, InferenceConfig
 from utils.inference.context import EmbedContext, load_context, resolve_device
 from utils.inference.outputs import (
     CELL_FILE,
-    clear_final_outputs,
     drop_empty_wells,
+    final_names,
     merge_plates,
     normalise_wells,
     versions,
@@ -71,6 +71,7 @@ from utils.inference.outputs import (
 from utils.inference.parts import PARTS_DIR, check_resumed, load_part, part_name, pool_and_save
 from utils.inference.plates import PlateResult, assign_plates, embed_plate, plate_signature, pool_plate
 from utils.profiles import feature_columns, resolve_control_query
+from utils.rundir import Transaction, recover
 
 
 def run_inference(cfg: InferenceConfig) -> Path | None:
@@ -88,14 +89,26 @@ def run_inference(cfg: InferenceConfig) -> Path | None:
     t_start = time.perf_counter()
     dist_info = resolve_device(cfg)
     outdir = Path(cfg.outdir)
-    parts = outdir / PARTS_DIR
     table = load_site_table(cfg.valset, cfg.image_root, cfg.channels, required=INFERENCE_REQUIRED,
                             check_files=not cfg.skip_bad_images, platemap=cfg.platemap, column_map=cfg.column_map)
     if cfg.crop_mode == "cells":
         check_location_files(table, cfg.locations)  # a missing file fails now, not at its plate hours later
-    if dist_info.is_main:
-        ensure_dir(outdir)
-        clear_final_outputs(outdir)
+    lock = claim_output(outdir, dist_info)  # rank 0 holds it; every rank stops when another run does
+    try:
+        if dist_info.is_main:
+            for line in recover(outdir):
+                print(line, file=sys.stderr)
+        return embed_and_write(cfg, dist_info, table, outdir, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def embed_and_write(
+    cfg: InferenceConfig, dist_info: DistInfo, table: pd.DataFrame, outdir: Path, t_start: float
+) -> Path | None:
+    """Embed this rank's plates into ``parts/`` (skipping finished ones under --resume); rank 0 then writes."""
+    parts = outdir / PARTS_DIR
     ctx, loaded = load_context(cfg, dist_info)
     embed = embed_plate_cells if cfg.crop_mode == "cells" else embed_plate
     sizes = table.groupby("plate", sort=False).size().to_dict()
@@ -160,81 +173,84 @@ def write_run(
     gathered: list[dict[str, Any]],
     t_start: float,
 ) -> Path:
-    """Rank 0: merge the plate parts, normalise, and write the final tables, then run.json last."""
-    t_post = time.perf_counter()
-    results, reports = load_plates(table, parts, cfg.save_sites)
-    dims = {r.well_emb.shape[1] for r in results if len(r.well_rows)}
-    if len(dims) > 1:
-        raise DataError(f"{parts}: plates have different embedding sizes {sorted(dims)}; rerun without --resume")
-    cells = cfg.crop_mode == "cells"
-    unit = "cell" if cells else "valid tile"
-    wells, sites = merge_plates(table, results, dims.pop() if dims else 0, CELL_COUNT if cells else "n_valid_tiles")
-    wells, dropped = drop_empty_wells(wells)
-    feats = feature_columns(wells)
-    if dropped:
-        warnings.warn(f"{len(dropped)} well(s) have no {unit} and are left out (listed in run.json)",
-                      RuntimeWarning, stacklevel=2)
-    skipped = [s for rep in reports for s in rep["skipped_files"]]
-    empty_sites = sum(rep["n_sites_without_cells" if cells else "n_sites_without_valid_tiles"] for rep in reports)
-    if empty_sites:
-        middle = "their centre crop" if cells else "their middle tile"
-        rule = "left out" if cfg.empty_sites == "drop" else f"{middle} is used (--empty-sites center)"
-        warnings.warn(f"{empty_sites} site(s) have no {unit}: {rule}; counts per plate in run.json",
-                      RuntimeWarning, stacklevel=2)
-    control_query = resolve_control_query(wells, cfg.controls, cfg.control_query)
-    written = []
-    if cfg.save_sites:
-        written += write_table(sites, outdir, "site_features", cfg.parquet)
-    kept, written_norm, norm_steps = write_profiles(wells, cfg, control_query, outdir)
-    written += written_norm
-    if cfg.save_cells:
-        plates = table["plate"].drop_duplicates()
-        write_cells(table, (load_part(parts, p, sites=False, cells=True)[0] for p in plates), outdir / CELL_FILE)
-        written.append(str(outdir / CELL_FILE))
-    n_sites = int(sum(rep["n_sites_read"] for rep in reports))
-    resumed = {p for g in gathered for p in g["resumed"]}
-    embedded = int(sum(rep["n_sites_read"] for rep in reports if rep["plate"] not in resumed))
-    embed_seconds = max(g["embed_seconds"] for g in gathered)
-    total = time.perf_counter() - t_start
-    run = {
-        "status": "complete",
-        "checkpoint": {"path": str(Path(cfg.ckpt).resolve()), "sha256": ctx.fingerprint["checkpoint_sha256"],
-                       "info": getattr(loaded, "info", {})},
-        "flags": cfg.flags(),
-        "settings": ctx.fingerprint,
-        "control_query": control_query,
-        "versions": versions(),
-        "device": str(dist_info.device),
-        "world_size": dist_info.world_size,
-        "command": sys.argv,
-        "n_sites": n_sites,
-        "n_wells": int(len(wells)),
-        "n_features": len(feats),
-        "features_kept": kept,
-        "normalisation": norm_steps,
-        "feature_names": "emb0..emb{D-1}, unpadded like the paper",
-        "skipped_files": skipped,
-        "n_sites_without_valid_tiles": int(empty_sites),
-        "wells_without_valid_tiles": dropped,
-        "resumed_plates": [p for g in gathered for p in g["resumed"]],
-        "plates": reports,
-        "outputs": written,
-        "timings": {"embed_seconds": round(embed_seconds, 3), "postprocess_seconds":
-                    round(time.perf_counter() - t_post, 3), "total_seconds": round(total, 3),
-                    "sites_per_second": round(embedded / embed_seconds, 3) if embedded else None},
-    }
-    if cells:
-        run = cell_report(run, reports)
-    write_json_atomic(outdir / "run.json", run)
-    rate = f"{embedded / embed_seconds:.1f} sites/s" if embedded else "all plates resumed"
-    counted = ""
-    if cells:
-        c = run["cells"]
-        counted = (f" from {c['n_cells']} cells ({c['n_cells_dropped_at_edges']} dropped at edges, "
-                   f"{c['n_sites_without_cells']} sites without cells)")
-    print(f"inference: {n_sites} sites{counted} -> {len(wells)} wells ({cfg.norm_method}), {len(skipped)} skipped, "
-          f"{rate}, {total:.1f} s total -> {outdir}", flush=True)
-    return outdir
+    """Rank 0: merge the plate parts, normalise, and stage every final table, then swap them in with run.json last;
+    nothing of an earlier run in ``outdir`` changes before every new table is written, and a failure anywhere
+    leaves the previous run's complete results as they were."""
+    with Transaction(outdir) as tx:
+        t_post = time.perf_counter()
+        results, reports = load_plates(table, parts, cfg.save_sites)
+        dims = {r.well_emb.shape[1] for r in results if len(r.well_rows)}
+        if len(dims) > 1:
+            raise DataError(f"{parts}: plates have different embedding sizes {sorted(dims)}; rerun without --resume")
+        cells = cfg.crop_mode == "cells"
+        unit = "cell" if cells else "valid tile"
+        wells, sites = merge_plates(table, results, dims.pop() if dims else 0, CELL_COUNT if cells else "n_valid_tiles")
+        wells, dropped = drop_empty_wells(wells)
+        feats = feature_columns(wells)
+        if dropped:
+            warnings.warn(f"{len(dropped)} well(s) have no {unit} and are left out (listed in run.json)",
+                          RuntimeWarning, stacklevel=2)
+        skipped = [s for rep in reports for s in rep["skipped_files"]]
+        empty_sites = sum(rep["n_sites_without_cells" if cells else "n_sites_without_valid_tiles"] for rep in reports)
+        if empty_sites:
+            middle = "their centre crop" if cells else "their middle tile"
+            rule = "left out" if cfg.empty_sites == "drop" else f"{middle} is used (--empty-sites center)"
+            warnings.warn(f"{empty_sites} site(s) have no {unit}: {rule}; counts per plate in run.json",
+                          RuntimeWarning, stacklevel=2)
+        control_query = resolve_control_query(wells, cfg.controls, cfg.control_query)
+        written = []
+        if cfg.save_sites:
+            written += write_table(sites, tx, "site_features", cfg.parquet)
+        kept, written_norm, norm_steps = write_profiles(wells, cfg, control_query, tx)
+        written += written_norm
+        if cfg.save_cells:
+            plates = table["plate"].drop_duplicates()
+            write_cells(table, (load_part(parts, p, sites=False, cells=True)[0] for p in plates), tx.path(CELL_FILE))
+            written.append(str(outdir / CELL_FILE))
+        n_sites = int(sum(rep["n_sites_read"] for rep in reports))
+        resumed = {p for g in gathered for p in g["resumed"]}
+        embedded = int(sum(rep["n_sites_read"] for rep in reports if rep["plate"] not in resumed))
+        embed_seconds = max(g["embed_seconds"] for g in gathered)
+        total = time.perf_counter() - t_start
+        run = {
+            "status": "complete",
+            "checkpoint": {"path": str(Path(cfg.ckpt).resolve()), "sha256": ctx.fingerprint["checkpoint_sha256"],
+                           "info": getattr(loaded, "info", {})},
+            "flags": cfg.flags(),
+            "settings": ctx.fingerprint,
+            "control_query": control_query,
+            "versions": versions(),
+            "device": str(dist_info.device),
+            "world_size": dist_info.world_size,
+            "command": sys.argv,
+            "n_sites": n_sites,
+            "n_wells": int(len(wells)),
+            "n_features": len(feats),
+            "features_kept": kept,
+            "normalisation": norm_steps,
+            "feature_names": "emb0..emb{D-1}, unpadded like the paper",
+            "skipped_files": skipped,
+            "n_sites_without_valid_tiles": int(empty_sites),
+            "wells_without_valid_tiles": dropped,
+            "resumed_plates": [p for g in gathered for p in g["resumed"]],
+            "plates": reports,
+            "outputs": written,
+            "timings": {"embed_seconds": round(embed_seconds, 3), "postprocess_seconds":
+                        round(time.perf_counter() - t_post, 3), "total_seconds": round(total, 3),
+                        "sites_per_second": round(embedded / embed_seconds, 3) if embedded else None},
+        }
+        if cells:
+            run = cell_report(run, reports)
+        tx.commit(run, stale=final_names())
+        rate = f"{embedded / embed_seconds:.1f} sites/s" if embedded else "all plates resumed"
+        counted = ""
+        if cells:
+            c = run["cells"]
+            counted = (f" from {c['n_cells']} cells ({c['n_cells_dropped_at_edges']} dropped at edges, "
+                       f"{c['n_sites_without_cells']} sites without cells)")
+        print(f"inference: {n_sites} sites{counted} -> {len(wells)} wells ({cfg.norm_method}), {len(skipped)} skipped, "
+              f"{rate}, {total:.1f} s total -> {outdir}", flush=True)
+        return outdir
 
 
 def cell_report(run: dict[str, Any], reports: list[dict[str, Any]]) -> dict[str, Any]:

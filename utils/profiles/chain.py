@@ -29,7 +29,7 @@ import tomllib
 
 from utils.errors import ConfigError, DataError
 from utils.profiles.aggregate import check_columns
-from utils.profiles.controls import control_mask
+from utils.profiles.controls import NO_WELLS, control_mask, no_match_message
 from utils.profiles.corrections import (
     MIN_POSITION_WELLS,
     OUTLIER_BOUND,
@@ -40,7 +40,7 @@ from utils.profiles.corrections import (
     well_position_effects,
     well_row_column,
 )
-from utils.profiles.features import detect_features
+from utils.profiles.features import detect_features, finite_features
 from utils.profiles.normalize import (
     NO_NORMALISATION,
     NORM_ALIASES,
@@ -124,7 +124,7 @@ def _reference(df: pd.DataFrame, step: Step, ctx: ChainContext) -> np.ndarray:
         return np.ones(len(df), dtype=bool)
     mask = control_mask(df, ctx.control_query)
     if not mask.any():
-        raise DataError(f"{step.name}: no control wells match {ctx.control_query!r}")
+        raise DataError(no_match_message(df, ctx.control_query, step.name))
     return mask
 
 
@@ -423,6 +423,29 @@ def step_record(step: Step, n_in: int, n_filtered: int, n_out: int, extra: Mappi
             "dropped_by_variance_filter": n_in - n_filtered, "features_out": n_out, **extra}
 
 
+def no_variance_message(df: pd.DataFrame, features: Sequence[str], controls: np.ndarray, step: str,
+                        threshold: float, first: bool = True) -> str:
+    """Why the variance filter kept nothing, naming the real cause: constant profiles, or constant controls.
+
+    Why: the filter needs spread in the control wells and in the others; when the model maps every well to the same
+    vector it is the model's output that is degenerate, not the controls, and the message must say so.
+    """
+    values = df[list(features)].to_numpy(dtype=np.float64)
+    where = "before it" if first else "after the previous steps"
+    if (values.var(axis=0) <= threshold).all():
+        what = "constant" if np.ptp(values, axis=0).max(initial=0.0) == 0 else "almost constant"
+        return (f"{step}: every feature has variance <= {threshold} across all {len(df)} wells {where}: the profiles "
+                f"are {what}, so the model output (or the input table) is degenerate, not the controls")
+    parts = [(name, mask) for name, mask in (("control", controls), ("non-control", ~controls)) if mask.any()]
+    flat = [name for name, mask in parts if (values[mask].var(axis=0) <= threshold).all()]
+    if len(flat) == 1:
+        n = int((controls if flat[0] == "control" else ~controls).sum())
+        return (f"{step}: every feature has variance <= {threshold} within the {n} {flat[0]} wells {where} "
+                f"(the variance filter needs spread in both the control and the other wells)")
+    return (f"{step}: every feature has variance <= {threshold} in the control or in the non-control wells {where} "
+            f"(the variance filter needs spread in both)")
+
+
 def apply_chain(df: pd.DataFrame, features: Sequence[str], meta: Sequence[str], steps: Sequence[Step],
                 ctx: ChainContext, l2norm: bool = False) -> ChainResult:
     """Run the steps in order on finite profiles, the variance filter before each; see the module docstring.
@@ -442,8 +465,10 @@ def apply_chain(df: pd.DataFrame, features: Sequence[str], meta: Sequence[str], 
     """
     features, meta = list(features), list(meta)
     check_columns(df, [*meta, *features], "normalisation")
-    if df[features].isna().to_numpy().any():
-        raise DataError("normalisation: profiles contain NaN features; drop wells without valid tiles first")
+    if steps and not len(df):
+        raise DataError(NO_WELLS)
+    finite_features(df, features, "normalisation", csv_rows=False, hint="drop wells without valid tiles first",
+                    inf_hint="the model output overflows (a degenerate or diverged checkpoint, or fp16 overflow)")
     out = df[[*meta, *features]].reset_index(drop=True)
     if l2norm:
         out = l2_normalize_rows(out, features)
@@ -451,11 +476,13 @@ def apply_chain(df: pd.DataFrame, features: Sequence[str], meta: Sequence[str], 
     for step in steps:
         controls = control_mask(out, ctx.control_query)
         if not controls.any():
-            raise DataError(f"{step.name}: no control wells match {ctx.control_query!r}")
+            raise DataError(no_match_message(out, ctx.control_query, step.name))
         n_in = len(features)
-        features = variance_filter(out, features, controls, ctx.variance_threshold)
-        if not features:
-            raise DataError(f"{step.name}: every feature has variance <= {ctx.variance_threshold} before it")
+        kept = variance_filter(out, features, controls, ctx.variance_threshold)
+        if not kept:
+            raise DataError(no_variance_message(out, features, controls, step.name, ctx.variance_threshold,
+                                                first=not records))
+        features = kept
         n_filtered = len(features)
         out, features, extra = STEPS[step.name].run(out[[*meta, *features]], features, meta, step, ctx)
         records.append(step_record(step, n_in, n_filtered, len(features), extra, ctx))

@@ -18,13 +18,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data.metadata import apply_column_map, column_pairs, fill_negcon_perturbation, map_metadata
+from data.metadata import (
+    apply_column_map,
+    check_unique_header,
+    column_pairs,
+    fill_negcon_perturbation,
+    map_metadata,
+)
 from utils.errors import ConfigError, DataError
-from utils.fileio import atomic_path, ensure_dir, write_json_atomic
+from utils.fileio import atomic_path
 from utils.profiles.chain import ChainContext, apply_chain, chain_name, parse_chain, with_overrides
 from utils.profiles.controls import CONTROL_CHOICES, resolve_control_query
 from utils.profiles.features import detect_features, finite_features
 from utils.profiles.normalize import SCOPES, VARIANCE_THRESHOLD
+from utils.rundir import Transaction, output_run
 
 WELL_FILE = "well_features.csv"
 READ_SUFFIXES: tuple[str, ...] = (".csv", ".gz", ".parquet", ".tsv")
@@ -76,6 +83,9 @@ class CorrectConfig:
         return "well_features.parquet" if self.parquet else WELL_FILE
 
 
+OUTPUT_NAMES = ("well_features.csv", "well_features.parquet", "run.json")
+
+
 def read_wells(path: Path, pairs: tuple[tuple[str, str], ...] = ()) -> pd.DataFrame:
     """A well table from CSV/TSV/parquet with metadata under the internal names (``--map``, then JUMP aliases)."""
     try:
@@ -83,6 +93,7 @@ def read_wells(path: Path, pairs: tuple[tuple[str, str], ...] = ()) -> pd.DataFr
             df = pd.read_parquet(path)
         else:
             sep = "\t" if path.suffix == ".tsv" or path.name.endswith(".tsv.gz") else ","
+            check_unique_header(path, "well table", sep)
             df = pd.read_csv(path, sep=sep, low_memory=False)
     except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the well table ({exc.__class__.__name__}: "
@@ -105,7 +116,9 @@ def _versions() -> dict[str, str]:
 
 
 def correct_profiles(cfg: CorrectConfig) -> dict[str, Any]:
-    """Read ``cfg.input``, run the chain, write ``OUTDIR/well_features.csv`` then ``OUTDIR/run.json``.
+    """Read ``cfg.input``, run the chain, and swap ``OUTDIR/well_features.csv`` and ``OUTDIR/run.json`` in together.
+
+    The output folder is locked for the run (``utils.rundir``); a failure leaves an earlier run's results as they were.
 
     Returns
     -------
@@ -113,6 +126,12 @@ def correct_profiles(cfg: CorrectConfig) -> dict[str, Any]:
         What run.json holds: input, chain, control query, wells and features in and out, one record per step,
         the settings and versions, and the wall time.
     """
+    with output_run(cfg.outdir) as tx:
+        return _correct(cfg, tx)
+
+
+def _correct(cfg: CorrectConfig, tx: Transaction) -> dict[str, Any]:
+    """The run inside its locked folder: read, correct, stage, commit."""
     start = time.perf_counter()
     src = Path(cfg.input)
     df = read_wells(src, cfg.column_map)
@@ -125,17 +144,12 @@ def correct_profiles(cfg: CorrectConfig) -> dict[str, Any]:
     steps = with_overrides(parse_chain(cfg.norm_method), cfg.norm_scope, cfg.mad_reference)
     ctx = ChainContext(query, batch_key=cfg.batch_key, variance_threshold=cfg.variance_threshold, seed=cfg.seed)
     result = apply_chain(df, features, meta, steps, ctx, l2norm=cfg.l2norm)
-    out = ensure_dir(cfg.outdir)
-    target = out / cfg.output_name
-    (out / "run.json").unlink(missing_ok=True)  # an older run's record must not vouch for the new table
-    try:
-        with atomic_path(target) as tmp:
-            if cfg.parquet:
-                result.profiles.to_parquet(tmp, index=False)
-            else:
-                result.profiles.to_csv(tmp, index=False)
-    except OSError as exc:
-        raise DataError(f"{target}: cannot write ({exc.strerror or exc})") from None
+    target = tx.folder / cfg.output_name
+    with atomic_path(tx.path(cfg.output_name)) as tmp:
+        if cfg.parquet:
+            result.profiles.to_parquet(tmp, index=False)
+        else:
+            result.profiles.to_csv(tmp, index=False)
     run = {
         "status": "complete",
         "input": str(src.resolve()),
@@ -153,5 +167,5 @@ def correct_profiles(cfg: CorrectConfig) -> dict[str, Any]:
         "versions": _versions(),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    write_json_atomic(out / "run.json", run)
+    tx.commit(run, stale=OUTPUT_NAMES)
     return run

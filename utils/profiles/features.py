@@ -57,14 +57,30 @@ def feature_columns(df: pd.DataFrame) -> list[str]:
     return emb or cp
 
 
-def finite_features(df: pd.DataFrame, features: list[str], source: str) -> None:
-    """Refuse NaN/inf feature values, naming the first column and CSV row (a chain needs finite profiles)."""
+def finite_features(df: pd.DataFrame, features: list[str], source: str, *, csv_rows: bool = True,
+                    hint: str = "drop those wells or features first", inf_hint: str | None = None) -> None:
+    """Refuse NaN/inf feature values, naming how many rows, the first column and row (a chain needs finite profiles).
+
+    Why one check for files and in-memory profiles: NaN and inf used to surface later as a variance filter that
+    "kept no feature", a message about the wrong thing. ``csv_rows`` names the row as the file line; otherwise the
+    plate/well (or the row index) is named. ``inf_hint`` replaces ``hint`` when infinities are present, since an
+    overflow has another cause (a diverged model, fp16) than a missing value.
+    """
     try:
         x = df[features].to_numpy(dtype=np.float64)
     except ValueError as exc:
         raise DataError(f"{source}: non-numeric values in feature columns ({str(exc).splitlines()[0]})") from None
     bad = ~np.isfinite(x)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise DataError(f"{source}: {int(bad.sum())} NaN/inf feature values, first in column {features[c]} at "
-                        f"CSV row {r + 2}; drop those wells or features first")
+    if not bad.any():
+        return
+    r, c = np.argwhere(bad)[0]
+    infinite = bool(np.isinf(x).any())
+    kinds = " and ".join(k for k, present in (("NaN", bool(np.isnan(x).any())), ("inf", infinite)) if present)
+    if csv_rows:
+        where = f"CSV row {r + 2}"
+    elif {"plate", "well"} <= set(df.columns):
+        where = f"well {df['plate'].iloc[r]}/{df['well'].iloc[r]}"
+    else:
+        where = f"row {r}"
+    raise DataError(f"{source}: {int(bad.any(axis=1).sum())} of {len(df)} rows have {kinds} feature values, first "
+                    f"in column {features[c]} at {where}; {inf_hint if infinite and inf_hint else hint}")

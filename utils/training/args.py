@@ -15,6 +15,7 @@ from utils.cli import SPELLING_NOTE, FlagParser, add_metadata_flags, bool_flag
 from utils.errors import ConfigError
 
 VAL_GROUPS = ("well", "plate")
+DEFAULT_NUM_WORKERS = 6
 
 
 class _Unsupported(argparse.Action):
@@ -62,7 +63,8 @@ def add_common(
         "paper_default), a stats.json, or 'dataset' (statistics of 200 sites of --path_df, computed at start); "
         "stored in the checkpoint (default: the constants the paper trained with)"
     )
-    data.add_argument("--num_workers", type=int, default=6, help="DataLoader workers per process")
+    data.add_argument("--num_workers", type=int, default=DEFAULT_NUM_WORKERS,
+                      help="DataLoader workers per process (capped to the CPUs available, with a warning)")
     data.add_argument("--crop_mode", choices=CROP_MODES, default="tiles",
                       help="tiles: crops anywhere that pass the cell rule (the paper); cells: every crop centred on a "
                            "random nucleus of the site, with a small jitter, same crop sizes (docs/TRAINING.md)")

@@ -26,7 +26,8 @@ from data.locations import CROP_MODES
 from data.metadata import column_pairs
 from models.checkpoints import plain_args
 from utils.errors import ConfigError
-from utils.training.args import PARSERS, PRESETS, VAL_GROUPS, parse_args, scale_range
+from utils.resources import cap_workers
+from utils.training.args import DEFAULT_NUM_WORKERS, PARSERS, PRESETS, VAL_GROUPS, parse_args, scale_range
 from utils.training.probe import ProbeConfig
 
 
@@ -273,6 +274,17 @@ FIELD_RESOLVERS = {"dino": _dino_fields, "mae": _mae_fields, "simclr": _simclr_f
 WORLD_RESOLVERS = {"dino": _dino_world, "mae": _mae_world, "simclr": _simclr_world}
 
 
+def _num_workers(method: str, f: Mapping[str, Any]) -> int:
+    """``--num_workers`` capped to the CPUs this process has (a warning says so unless it was the default).
+
+    The flags record (hp.json) keeps the value asked for; only the loader uses the capped one. Negative values pass
+    through so ``_check_fields`` reports them.
+    """
+    preset = PRESETS.get(method, {}).get(f.get("preset") or "", {})
+    default = preset.get("num_workers", DEFAULT_NUM_WORKERS)
+    return cap_workers("--num_workers", f["num_workers"], default=default)
+
+
 def config_from_flags(method: str, flags: argparse.Namespace | Mapping[str, Any]) -> TrainConfig:
     """Map a script's parsed flags onto a TrainConfig, which validates them in ``__post_init__``."""
     if method not in FIELD_RESOLVERS:
@@ -286,7 +298,7 @@ def config_from_flags(method: str, flags: argparse.Namespace | Mapping[str, Any]
                             f["probe_batch_size"], f["image_root"], f["platemap"], column_pairs(f["column_map"]))
     return TrainConfig(
         method=method, flags=plain, path_df=f["path_df"], image_root=f["image_root"], channels=tuple(f["channels"]),
-        seed=f["seed"], num_workers=f["num_workers"], val_fraction=f["val_fraction"], val_group=f["val_group"],
+        seed=f["seed"], num_workers=_num_workers(method, f), val_fraction=f["val_fraction"], val_group=f["val_group"],
         val_every=f["val_every"], probe=probe, stop_on_collapse=f["stop_on_collapse"], save_init=f["save_init"],
         max_minutes=f["max_minutes"], resume=f["resume"], no_auto_resume=f["no_auto_resume"], device=f["device"],
         compile=f["compile"], max_steps_per_epoch=f["max_steps_per_epoch"], log_every=f["log_every"],

@@ -68,9 +68,13 @@ def train(cfg: TrainConfig) -> Path:
 def run_process(cfg: TrainConfig, gpus: list[int] | None) -> Path:
     """One training process: join the process group, train, always leave the group."""
     info = distributed.init_distributed(cfg.local_rank, cfg.device, gpus)
+    lock = None
     try:
+        lock = distributed.claim_output(cfg.output_dir, info)  # rank 0's lock keeps a second run out of the folder
         return fit(build_run(cfg.with_world(info.world_size), info))
     finally:
+        if lock is not None:
+            lock.release()
         distributed.cleanup()
 
 
