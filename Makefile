@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1
 DEMO_DIR ?= demo_run
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -22,6 +22,19 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Wheels for the GPU machine (Python 3.12, x86-64, no package index): the pins of bench/gpu_wheels.txt into .whl/,
+# which bench/gpu_check.sh installs when the device run carries it. Fails when they exceed GPU_WHEELS_MAX_MIB, so
+# the wheels and the working tree stay well under the 64 MiB a device run may carry.
+GPU_WHEEL_PLATFORMS := $(foreach n,2_17 2_24 2_27 2_28 2_31 2_34 2_35,--platform manylinux_$(n)_x86_64) \
+	--platform manylinux2014_x86_64 --platform manylinux1_x86_64
+GPU_WHEELS_MAX_MIB ?= 40
+gpu-wheels: setup
+	rm -rf .whl
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_WHEEL_PLATFORMS) -d .whl -r bench/gpu_wheels.txt
+	@mib=$$(du -sm .whl | cut -f1); echo "gpu-wheels: $$(ls .whl/*.whl | wc -l) wheels, $$mib MiB in .whl/"; \
+		test $$mib -le $(GPU_WHEELS_MAX_MIB) || { echo "error: .whl/ is $$mib MiB, over $(GPU_WHEELS_MAX_MIB)"; exit 1; }
 
 # The whole pipeline on synthetic plates, sized for a CPU laptop (about 3 minutes on 2 cores):
 # plates -> DINO/MAE/SimCLR training (the small_cpu recipes of docs/LEARNING.md, shortened) -> tiled inference ->

@@ -6,7 +6,11 @@ standardised tiles already on the device, in batches of the same tile count, in 
 two is the share of the model bound the data path achieves. Both run once untimed first (warm caches, compile).
 
     python bench/bench_inference.py --device cpu         # CPU: tiny ViT, small sites (default without CUDA)
+    python bench/bench_inference.py --device cpu --preset cpu_vits   # CPU: the GPU setting's model and sites
     python bench/bench_inference.py --device cuda        # GPU: ViT-S/16, 1080 px sites, 16 tiles/site, bf16
+
+Each repeat times a pipeline run and then the bare forward, back to back, so a repeat's ratio shares the
+machine's state; the line reports the median ratio and the range over the repeats, and the best rate of each.
 """
 
 from __future__ import annotations
@@ -35,12 +39,16 @@ from inference import build_parser  # noqa: E402
 from models.backbones import create_backbone, embed  # noqa: E402
 from models.checkpoints import FORMAT, save_checkpoint  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.fileio import write_json_atomic  # noqa: E402
 from utils.inference import InferenceConfig, run_inference  # noqa: E402
 from utils.precision import DTYPES  # noqa: E402
 
 PRESET_SETTINGS: dict[str, dict[str, Any]] = {
-    "cpu": {"arch": "vit_tiny", "site": 256, "tile": 128, "sites": 48, "plates": 2, "batch_size": 8, "workers": 1,
+    "cpu": {"arch": "vit_tiny", "site": 256, "tile": 128, "sites": 192, "plates": 2, "batch_size": 8, "workers": 1,
             "precision": "fp32", "unique": 48, "overrides": {"embed_dim": 96, "depth": 4, "num_heads": 3}},
+    # the GPU setting's model and sites on the CPU (ViT-S/16, 1080 px, 16 tiles of 224 px), few sites
+    "cpu_vits": {"arch": "vit_small", "site": 1080, "tile": 224, "sites": 16, "plates": 2, "batch_size": 4,
+                 "workers": 1, "precision": "fp32", "unique": 16, "overrides": {}},
     "cuda": {"arch": "vit_small", "site": 1080, "tile": 224, "sites": 4096, "plates": 4, "batch_size": 64,
              "workers": 14, "precision": "bf16", "unique": 256, "overrides": {}},
 }
@@ -116,11 +124,15 @@ def bench(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{key}", default=None)
     for key in ("site", "tile", "sites", "plates", "batch_size", "workers", "unique"):
         p.add_argument(f"--{key}", type=int, default=None)
+    p.add_argument("--preset", choices=sorted(PRESET_SETTINGS), default=None,
+                   help="settings (default: cuda on the GPU, cpu on the CPU)")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each; the best is reported")
+    p.add_argument("--repeats", type=int, default=5, help="timed pairs (pipeline, bare forward)")
+    p.add_argument("--out", default=None, help="also write the figures as JSON here")
     p.add_argument("--workdir", default=None, help="keep data and outputs here (default: a temporary folder)")
     a = p.parse_args(argv)
-    cfg = {**PRESET_SETTINGS[a.device], **{k: v for k, v in vars(a).items() if v is not None and k != "device"}}
+    given = {k: v for k, v in vars(a).items() if v is not None and k not in ("device", "preset", "out")}
+    cfg = {**PRESET_SETTINGS[a.preset or a.device], **given}
     device = torch.device(a.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.workdir or tmp)
@@ -130,24 +142,30 @@ def bench(argv: list[str] | None = None) -> None:
                  str(cfg["batch_size"]), "--num_workers", str(cfg["workers"]), "--precision", cfg["precision"],
                  "--device", a.device, "--norm_method", "mad_robustize", *(["--compile"] if a.compile else [])]
         run_inference(InferenceConfig.from_flags(build_parser().parse_args([*flags, "-o", str(root / "warmup")])))
-        pipeline, bare, end_to_end = 0.0, 0.0, 0.0
-        for i in range(a.repeats):  # interleaved, best of each: a shared machine slows runs at random
+        pipelines, bares, ends = [], [], []
+        for i in range(a.repeats):  # interleaved pairs: a shared machine slows runs at random
             t0 = time.perf_counter()
             run_inference(InferenceConfig.from_flags(build_parser().parse_args([*flags, "-o", str(root / f"out{i}")])))
             total = time.perf_counter() - t0
             run = json.loads((root / f"out{i}" / "run.json").read_text())
             n_sites, per_site = run["n_sites"], run["plates"][0]["n_tiles_per_site"]
-            pipeline = max(pipeline, n_sites / run["timings"]["embed_seconds"])
-            end_to_end = max(end_to_end, n_sites / total)
-            bare = max(bare, _bare_sites_per_s(ckpt, device, cfg["batch_size"] * per_site, cfg["tile"],
-                                               cfg["precision"], a.compile,
-                                               max(3, min(50, cfg["sites"] // cfg["batch_size"])), per_site))
+            pipelines.append(n_sites / run["timings"]["embed_seconds"])
+            ends.append(n_sites / total)
+            bares.append(_bare_sites_per_s(ckpt, device, cfg["batch_size"] * per_site, cfg["tile"],
+                                           cfg["precision"], a.compile,
+                                           max(3, min(50, cfg["sites"] // cfg["batch_size"])), per_site))
+    ratios = sorted(p / b for p, b in zip(pipelines, bares))
+    median = float(np.median(ratios))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     print(f"bench_inference [{name}] {cfg['arch']} {cfg['precision']}{' compiled' if a.compile else ''}: "
           f"{cfg['site']}px sites, {per_site} tiles/site of {cfg['tile']}px, batch {cfg['batch_size']} sites, "
-          f"{cfg['workers']} reader threads | pipeline {pipeline:.1f} sites/s "
-          f"(end to end incl. normalisation and CSVs: {end_to_end:.1f}) | bare forward {bare:.1f} sites/s | "
-          f"ratio {pipeline / bare:.2f}")
+          f"{cfg['workers']} reader threads | pipeline {max(pipelines):.1f} sites/s "
+          f"(end to end incl. normalisation and CSVs: {max(ends):.1f}) | bare forward {max(bares):.1f} sites/s | "
+          f"ratio {median:.2f} (median of {len(ratios)}, range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    if a.out:
+        write_json_atomic(a.out, {"device": name, "settings": cfg, "pipeline_sites_per_s": pipelines,
+                                  "bare_sites_per_s": bares, "end_to_end_sites_per_s": ends,
+                                  "ratio_median": median, "ratio_range": [ratios[0], ratios[-1]]})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ random initialisation, measured on the same plates with the same pipeline. The c
 scored on the same probe wells with the same mAP. Writes ``OUT/learning.json``:
 ``{method, epochs, collapsed, probe: [{epoch, target_map, replicate_map}, ...], handcrafted: {target_map,
 replicate_map}, ...}`` and prints the final probe against epoch 0 (the in-process reference) and the handcrafted
-features. ``bench/plot_learning.py`` draws the curves of several runs.
+features. ``bench/plot_learning.py`` draws the curves of several runs. ``--site_size``/``--wells``/``--workers``
+change the plates (bench/gpu_check.py: 1080 px sites rendered on 15 cores) and ``--no_handcrafted`` skips the
+baseline (cp-measure is slow on 1080 px sites).
 """
 
 from __future__ import annotations
@@ -37,17 +39,20 @@ PROBE_PLATES = 2
 OUT_FLAG = {"dino": "--output_dir", "mae": "--output_dir", "simclr": "--ckpt_path"}
 
 
-def make_plates(folder: Path, seed: int) -> tuple[Path, Path]:
-    """Generate (or reuse) the seed's plates; returns the training and the probe site tables."""
+def make_plates(folder: Path, seed: int, layout: dict[str, int] | None = None,
+                workers: int | None = None) -> tuple[Path, Path]:
+    """Generate (or reuse) the seed's plates (``layout``: PLATES unless given); returns the training and the probe
+    site tables. ``workers`` render sites in parallel (default: up to 2, the development VM's cores)."""
     from data.synthetic import generate_plates
 
+    layout = layout or PLATES
     train_csv, probe_csv = folder / "train.csv", folder / "probe.csv"
     stamp = folder / "bench_plates.json"
-    wanted = {**PLATES, "seed": seed}
+    wanted = {**layout, "seed": seed}
     if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted and probe_csv.is_file()):
         shutil.rmtree(folder / "handcrafted", ignore_errors=True)  # scored on the old probe sites
-        generate_plates(folder, **PLATES, seed=seed, layout="merged", workers=max(1, min(2, os.cpu_count() or 1)),
-                        progress=True)
+        generate_plates(folder, **layout, seed=seed, layout="merged",
+                        workers=workers or max(1, min(2, os.cpu_count() or 1)), progress=True)
         table = pd.read_csv(folder / "dataset.csv")
         probe = sorted(table["plate"].unique())[-PROBE_PLATES:]
         table[~table["plate"].isin(probe)].to_csv(train_csv, index=False)
@@ -86,8 +91,8 @@ def read_log(log_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     return [r for r in lines if r.get("event") != "probe"], [r for r in lines if r.get("event") == "probe"]
 
 
-def summarise(method: str, out: Path, handcrafted: dict[str, float], flags: list[str], seed: int,
-              minutes: float, seconds: float) -> dict[str, Any]:
+def summarise(method: str, out: Path, handcrafted: dict[str, float] | None, flags: list[str], seed: int,
+              minutes: float, seconds: float, layout: dict[str, int] | None = None) -> dict[str, Any]:
     """learning.json's content from the run's log."""
     train_records, probes = read_log(out / "run" / "log.txt")
     curve = [{"epoch": int(p["epoch"]), "target_map": float(p["probe_target_map"]),
@@ -106,7 +111,7 @@ def summarise(method: str, out: Path, handcrafted: dict[str, float], flags: list
         "train_seconds": round(train_seconds, 1),
         "probe_cost_fraction": round(sum(float(p["probe_seconds"]) for p in probes[1:]) / max(train_seconds, 1e-9), 3),
         "final_embed_std_ratio": train_records[-1].get("train_embed_std_ratio") if train_records else None,
-        "flags": flags, "plates": {**PLATES, "probe_plates": PROBE_PLATES}, "seconds": round(seconds, 1),
+        "flags": flags, "plates": {**(layout or PLATES), "probe_plates": PROBE_PLATES}, "seconds": round(seconds, 1),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch_threads": int(__import__("torch").get_num_threads()), "date": date.today().isoformat(),
     }
@@ -119,25 +124,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seeds the plates and the training run")
     p.add_argument("--out", required=True, help="output folder (learning.json, run/, handcrafted/)")
     p.add_argument("--data", default=None, help="where the seed's plates are cached (default: OUT/../plates_sSEED)")
+    p.add_argument("--site_size", type=int, default=PLATES["size"], help="site size in px (1080: the paper's sites)")
+    p.add_argument("--wells", type=int, default=PLATES["wells"], help="wells per plate (fewer: a quicker smoke run)")
+    p.add_argument("--workers", type=int, default=None, help="processes rendering the plates (default: up to 2)")
+    p.add_argument("--no_handcrafted", action="store_true",
+                   help="skip the cp-measure baseline (slow on 1080 px sites; learning.json's handcrafted is null)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further training flags (after the recipe)")
     opts = p.parse_args(argv)
     out = ensure_dir(opts.out)
     data = ensure_dir(opts.data or out.parent / f"plates_s{opts.seed}")
+    layout = {**PLATES, "size": opts.site_size, "wells": opts.wells}
     t0 = time.perf_counter()
-    train_csv, probe_csv = make_plates(data, opts.seed)
-    handcrafted = handcrafted_baseline(probe_csv, ensure_dir(data / "handcrafted"))
+    train_csv, probe_csv = make_plates(data, opts.seed, layout, opts.workers)
+    handcrafted = None if opts.no_handcrafted else handcrafted_baseline(probe_csv, ensure_dir(data / "handcrafted"))
     t_train = time.perf_counter()
     flags = train_run(opts.method, train_csv, probe_csv, out / "run", opts.minutes, opts.seed, list(opts.extra))
-    result = summarise(opts.method, out, handcrafted, flags, opts.seed, opts.minutes, time.perf_counter() - t_train)
+    result = summarise(opts.method, out, handcrafted, flags, opts.seed, opts.minutes, time.perf_counter() - t_train,
+                       layout)
     write_json_atomic(out / "learning.json", result)
     first, final = result["probe"][0], result["probe"][-1]
+    baseline = "not run" if handcrafted is None else (
+        f"{handcrafted['target_map']:.3f} / {handcrafted['replicate_map']:.3f}")
     print(f"bench_learning {opts.method} seed {opts.seed}: {result['epochs']} epochs in "
           f"{result['seconds'] / 60:.1f} min; probe target mAP {final['target_map']:.3f} vs random init "
           f"{first['target_map']:.3f} (gain {result['gain_target_map']:+.3f}, ratio "
           f"{final['target_map'] / max(first['target_map'], 1e-12):.2f}), replicate mAP "
           f"{final['replicate_map']:.3f} vs {first['replicate_map']:.3f}; probes {result['probe_cost_fraction']:.0%} "
-          f"of training time; handcrafted {handcrafted['target_map']:.3f} / "
-          f"{handcrafted['replicate_map']:.3f}; collapsed {result['collapsed']}; total "
+          f"of training time; handcrafted {baseline}; collapsed {result['collapsed']}; total "
           f"{time.perf_counter() - t0:.0f} s -> {out / 'learning.json'}")
     return 0
 

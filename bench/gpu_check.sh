@@ -1,39 +1,24 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a session that is lent an H100/H200 (device tool): about 6-7 minutes.
-# The device image already has torch, timm, tifffile, pandas, scikit-learn, scikit-image, tensorboard and tqdm.
-# pycytominer, copairs and cp-measure are not there: carry them as wheels in .whl/ (see the device README) or the
-# steps that need them are reported as skipped. Results land in $OUT (or ./gpu_check_out) for docs/PERFORMANCE.md.
+# The one prepared GPU check (at most 8 minutes on an H100/H200): installs the wheels the device image lacks, then
+# runs bench/gpu_check.py, which runs the six steps (GPU tests, a training step per method in bf16 and fp16, NCCL
+# with 2+ GPUs, inference and training against their bare bounds, a short DINO learning run), prints one table and
+# writes $OUT/gpu_check.json, gpu_check.log, bench_train.json and bench_inference.json. Exit code 1 when any step
+# failed.
+# The image has torch, timm, pandas, scikit-learn, scikit-image, tifffile, tensorboard and tqdm; pycytominer,
+# copairs, cp-measure, harmonypy and their dependencies come as wheels in .whl/ (`make gpu-wheels`; the device run
+# must carry .whl, which git ignores).
 # Usage on the device machine:  bash bench/gpu_check.sh
+# Dry run here (toy sizes on the CPU, no wheel install):
+#   PY=.venv/bin/python OUT=/tmp/gpucheck bash bench/gpu_check.sh --dry-run
 set -uo pipefail
+STARTED=$(date +%s)
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_check_out}"
+PY="${PY:-python3}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
+if [[ " $* " != *" --dry-run "* ]] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-PY=python3
-{
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
-} 2>&1 | tee "$OUT/machine.txt"
-
-step() {  # step NAME TIMEOUT_S CMD...: run one check, keep its log, never stop the script
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name"
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-    echo "   exit $? ($(tail -n 1 "$OUT/$name.log"))"
-}
-
-# GPU tests: the test files whose code has CUDA paths (models, augmentation, tiling, intensity, training, inference,
-# the supervised baseline).
-step tests 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_backbones.py tests/test_augment.py \
-    tests/test_tiling.py tests/test_intensity.py tests/test_cellmask.py tests/test_training.py tests/test_inference.py \
-    tests/test_supervised.py
-step bench_train 210 $PY bench/bench_train.py --device cuda --out "$OUT/bench_train.json"
-step bench_inference 120 $PY bench/bench_inference.py --device cuda
-step bench_eval 60 $PY bench/bench_eval.py --sizes 10000 --skip-full
-ls -la "$OUT"
+exec "$PY" bench/gpu_check.py --out "$OUT" --started_at "$STARTED" "$@"

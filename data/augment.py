@@ -113,7 +113,7 @@ def _resized_boxes(
 
 
 def sample_crop_boxes(
-    integral: np.ndarray | None,
+    integral: np.ndarray | Callable[[np.ndarray, float], np.ndarray] | None,
     height: int,
     width: int,
     spec: ViewSpec,
@@ -121,11 +121,13 @@ def sample_crop_boxes(
     max_tries: int = 20,
     min_fraction: float = DEFAULT_MIN_FRACTION,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``spec.count`` crop boxes (y, x, h, w) that contain cells, all tries at once through the integral image.
+    """Draw ``spec.count`` crop boxes (y, x, h, w) that contain cells, all tries at once.
 
     Each box takes the first of ``max_tries`` draws that passes the cell rule, or the last draw when none passes
-    (the paper's rule). Returns the boxes and a bool array saying which boxes passed. ``integral`` None means no
-    cell rule (one draw per box).
+    (the paper's rule). Returns the boxes and a bool array saying which boxes passed. ``integral`` is the site's
+    summed-area table (``integral_mask``), or a rule ``(boxes (count, tries, 4), min_fraction) -> bool (count,
+    tries)`` exact up to each row's first pass (``CellMaskSummary.rule``: what training uses), or None for no
+    cell rule (one draw per box). The draws never depend on the rule, so both give the same boxes.
     """
     if max_tries < 1:
         raise ConfigError(f"max_tries must be >= 1, got {max_tries}")
@@ -137,9 +139,12 @@ def sample_crop_boxes(
         boxes = _resized_boxes(rng, shape, height, width, spec.scale, spec.ratio)
     if integral is None:
         return boxes[:, 0], np.ones(spec.count, dtype=bool)
-    if integral.shape != (height + 1, width + 1):
+    if callable(integral):
+        ok = integral(boxes, min_fraction)
+    elif integral.shape != (height + 1, width + 1):
         raise ValueError(f"integral image {integral.shape} does not match a {height}x{width} site")
-    ok = box_fractions(integral, boxes.reshape(-1, 4)).reshape(shape) >= min_fraction
+    else:
+        ok = box_fractions(integral, boxes.reshape(-1, 4)).reshape(shape) >= min_fraction
     passed = ok.any(axis=1)
     pick = np.where(passed, ok.argmax(axis=1), tries - 1)
     return boxes[np.arange(spec.count), pick], passed

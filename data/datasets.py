@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,13 +24,15 @@ import torch
 from torch.utils.data import Dataset
 
 from data.augment import AugmentRecipe, crop_and_resize, sample_cell_boxes, sample_crop_boxes
-from data.cellmask import DEFAULT_FACTOR, DEFAULT_MIN_FRACTION, integral_mask, otsu_threshold
+from data.cellmask import DEFAULT_FACTOR, DEFAULT_MIN_FRACTION, CellMaskSummary, otsu_threshold
 from data.io import open_site_array, site_otsu
 from data.locations import CROP_MODES, read_locations, site_locations_file
 from data.schema import DEFAULT_CHANNELS, image_paths
 from data.segmentation import nucleus_centres
 from utils.errors import ConfigError, DataError
 from utils.seeding import sample_seed
+
+MASK_CACHE_MIB = 256  # per loader process: about 13,000 summaries of 1080² sites
 
 
 def dna_index(channels: Sequence[str]) -> int:
@@ -59,7 +62,12 @@ class TrainCropDataset(Dataset):
     ``crop_mode="cells"`` centres every crop on a randomly chosen nucleus of the site (``locations``: a folder of
     CellProfiler location files, else the site table's location column, else segmentation, computed once per site
     and worker: about 0.2 s for a 1080 px site on one core, once per site and worker for the whole run; later
-    items of the site cost less than in tiles mode, which reads the DNA channel for the cell mask every time).
+    items of the site cost less than in tiles mode).
+
+    Tiles mode tests candidate boxes against the site's ``CellMaskSummary``, computed from its whole DNA plane on
+    the site's first visit in each loader process and kept in an LRU cache of ``mask_cache_mib`` MiB (0: none, the
+    summary is rebuilt every item). After that an item reads only its crops (and, rarely, the DNA of a box the
+    summary's bounds cannot decide); the crops are the same with or without the cache.
     """
 
     def __init__(
@@ -74,6 +82,7 @@ class TrainCropDataset(Dataset):
         min_fraction: float = DEFAULT_MIN_FRACTION,
         crop_mode: str = "tiles",
         locations: str | None = None,
+        mask_cache_mib: float = MASK_CACHE_MIB,
     ) -> None:
         if len(table) == 0:
             raise DataError("the training table has no sites")
@@ -92,6 +101,9 @@ class TrainCropDataset(Dataset):
         self.crop_mode = crop_mode
         self.locations = locations
         self._centre_cache: dict[int, np.ndarray] = {}
+        self.mask_cache_bytes = int(max(0.0, float(mask_cache_mib)) * 2**20)
+        self._mask_cache: OrderedDict[int, CellMaskSummary] = OrderedDict()
+        self._mask_cache_used = 0
 
     def __len__(self) -> int:
         return len(self.table)
@@ -105,6 +117,24 @@ class TrainCropDataset(Dataset):
         if index not in self._otsu_cache:
             self._otsu_cache[index] = float(site_otsu(row))
         return self._otsu_cache[index]
+
+    def mask_summary(self, index: int, row: pd.Series, site: Any) -> CellMaskSummary:
+        """The site's cell-mask summary, from the LRU cache or from its whole DNA plane (then cached)."""
+        summary = self._mask_cache.get(index)
+        if summary is not None:
+            self._mask_cache.move_to_end(index)
+            return summary
+        dna = np.asarray(site[self.dna])
+        otsu = self._metadata_otsu(index, row)
+        if math.isnan(otsu):
+            otsu = otsu_threshold(dna)
+        summary = CellMaskSummary(dna, otsu, self.factor)
+        if summary.nbytes <= self.mask_cache_bytes:
+            self._mask_cache[index] = summary
+            self._mask_cache_used += summary.nbytes
+            while self._mask_cache_used > self.mask_cache_bytes:
+                self._mask_cache_used -= self._mask_cache.popitem(last=False)[1].nbytes
+        return summary
 
     def nucleus_centres(self, index: int, row: pd.Series, site: Any) -> np.ndarray:
         """The site's nuclei (n, 2) (y, x): its location file, else segmentation of its DNA; cached per process."""
@@ -145,16 +175,12 @@ class TrainCropDataset(Dataset):
             if cell_views is not None:
                 return {"views": cell_views, "index": index, "cell_crops": sum(len(v) for v in cell_views)}
         _, height, width = (int(s) for s in site.shape)
-        dna = np.asarray(site[self.dna])
-        otsu = self._metadata_otsu(index, row)
-        if math.isnan(otsu):
-            otsu = otsu_threshold(dna)
-        integral = integral_mask(dna, otsu, self.factor)
+        rule = self.mask_summary(index, row, site).rule(site, self.dna)
         views, cell_crops = [], 0
         for spec in self.recipe.views:
             try:
                 boxes, passed = sample_crop_boxes(
-                    integral, height, width, spec, rng, max_tries=self.max_tries, min_fraction=self.min_fraction
+                    rule, height, width, spec, rng, max_tries=self.max_tries, min_fraction=self.min_fraction
                 )
                 crops = crop_and_resize(site, boxes, spec.size)
             except DataError as exc:

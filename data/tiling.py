@@ -104,27 +104,29 @@ class TileLayout:
         """Tiles per site."""
         return len(self.positions)
 
-    def tile(self, region_pixels: torch.Tensor) -> torch.Tensor:
+    def tile(self, region_pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tiles (B, n, C, size, size) of a batch that holds only the covered region (what the reader returns).
 
-        Uses the grid computed for this shape; nothing is recomputed per batch.
+        Uses the grid computed for this shape; nothing is recomputed per batch. ``dtype`` converts while gathering:
+        inference asks for float32, so the uint16 pixels are read once, not tiled and then converted.
         """
         r = self.region
         if tuple(region_pixels.shape[-2:]) != (r.h, r.w) or region_pixels.ndim != 4:
             raise DataError(f"TileLayout.tile expects (B, C, {r.h}, {r.w}) region pixels, "
                             f"got shape {tuple(region_pixels.shape)}")
-        return _unfold(region_pixels, 0, 0, *self.rows_cols, self.grid.size, self.grid.stride)
+        return _unfold(region_pixels, 0, 0, *self.rows_cols, self.grid.size, self.grid.stride, dtype)
 
 
-def _unfold(batch: torch.Tensor, oy: int, ox: int, ny: int, nx: int, size: int, stride: int) -> torch.Tensor:
-    """(B, ny*nx, C, size, size) tiles starting at (oy, ox) via one unfold; always new memory."""
+def _unfold(batch: torch.Tensor, oy: int, ox: int, ny: int, nx: int, size: int, stride: int,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, ny*nx, C, size, size) tiles starting at (oy, ox) via one unfold and one copy (converting to ``dtype``
+    on the way); always new memory."""
     region = batch[:, :, oy : oy + (ny - 1) * stride + size, ox : ox + (nx - 1) * stride + size]
     windows = region.unfold(2, size, stride).unfold(3, size, stride)  # (B, C, ny, nx, size, size), a view
     b, c = batch.shape[:2]
-    tiles = windows.permute(0, 2, 3, 1, 4, 5).reshape(b, ny * nx, c, size, size)
-    if tiles.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr():
-        tiles = tiles.clone()
-    return tiles
+    tiles = torch.empty((b, ny, nx, c, size, size), dtype=dtype or batch.dtype, device=batch.device)
+    tiles.copy_(windows.permute(0, 2, 3, 1, 4, 5))
+    return tiles.view(b, ny * nx, c, size, size)
 
 
 def tile_batch(

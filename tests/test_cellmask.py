@@ -121,3 +121,38 @@ def test_otsu_to_raw_scales_scalars_arrays_and_tensors() -> None:
         otsu_to_raw(np.array([5.0, -3.0]))
     with pytest.raises(DataError, match="inf"):
         otsu_to_raw(torch.tensor([2.0, float("inf")]))
+
+
+@pytest.mark.parametrize("block", [16, 5])
+def test_mask_summary_decides_every_first_pass_like_the_full_integral(block: int) -> None:
+    """CellMaskSummary's bounds plus exact counts of undecided boxes give the full table's first pass in every row,
+    on sparse, dense and near-threshold boxes (min_fraction values where the bounds often straddle)."""
+    from data.cellmask import CellMaskSummary
+
+    rng = np.random.default_rng(5)
+    dna = _nuclei_image(rng, 150, 12)[:, :133]
+    otsu = otsu_threshold(dna, subsample=1)
+    integral = integral_mask(dna, otsu)
+    summary = CellMaskSummary(dna, otsu, block=block)
+    site = dna[None]
+    count, tries = 300, 6
+    h = rng.integers(1, 80, (count, tries))
+    w = rng.integers(1, 80, (count, tries))
+    y = rng.integers(0, 150 - h + 1)
+    x = rng.integers(0, 133 - w + 1)
+    boxes = np.stack([y, x, h, w], -1)
+    undecided_seen = 0
+    for min_fraction in (0.0, 0.01, 0.05, 0.2, 0.5, 1.0):
+        full = (box_fractions(integral, boxes.reshape(-1, 4)) >= min_fraction).reshape(count, tries)
+        got = summary.passes(boxes, site, 0, min_fraction)
+        assert np.array_equal(got.any(axis=1), full.any(axis=1))
+        rows = full.any(axis=1)
+        assert np.array_equal(got[rows].argmax(axis=1), full[rows].argmax(axis=1))
+        single = summary.passes(boxes[:, :1], site, 0, min_fraction)
+        assert np.array_equal(single[:, 0], full[:, 0])
+        undecided_seen += int((single[:, 0] != (summary._sums(
+            -(-y[:, 0] // block), -(-x[:, 0] // block), (y + h)[:, 0] // block, (x + w)[:, 0] // block)
+            / (h * w)[:, 0] >= min_fraction)).sum())
+    assert undecided_seen > 0  # the exact-count path was exercised, not only the bounds
+    with pytest.raises(ValueError):
+        summary.passes(np.array([[[140, 0, 20, 4]]]), site, 0, 0.01)

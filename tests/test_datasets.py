@@ -159,9 +159,12 @@ def test_reads_only_dna_plane_and_crop_boxes(sites, monkeypatch) -> None:
     monkeypatch.setattr(datasets, "open_site_array", lambda row, ch: _Recorder(real(row, ch), log))
     item = TrainCropDataset(table, _recipe())[0]
     dna = DEFAULT_CHANNELS.index("DNA")
-    assert log[0] == dna
-    assert len(log) == 1 + 5
-    for key, size in zip(log[1:], [24, 24, 12, 12, 12]):
+    assert log[0] == dna  # the whole DNA plane once, for the site's cell-mask summary
+    # then the DNA of the few boxes the summary's bounds leave open (many on a 48 px site), and the 5 crops
+    assert all(key[0] == dna and key[1].stop - key[1].start <= 24 for key in log[1:] if key[0] != slice(None))
+    crops = [key for key in log[1:] if key[0] == slice(None)]
+    assert len(crops) == 5
+    for key, size in zip(crops, [24, 24, 12, 12, 12]):
         assert key[0] == slice(None)
         assert key[1].stop - key[1].start == size and key[2].stop - key[2].start == size
     assert item["cell_crops"] == 5
@@ -203,3 +206,37 @@ def test_bad_configurations(sites) -> None:
         TrainCropDataset(table, get_recipe("simclr", size=64))[0]
     with pytest.raises(DataError, match="no sites"):
         TrainCropDataset(table.iloc[:0], _recipe())
+
+
+def test_a_cached_site_reads_only_its_crops_and_gives_the_same_crops(sites, monkeypatch) -> None:
+    """The cell-mask summary is computed on a site's first visit; later items read only their crop boxes (and the
+    DNA of a box its bounds cannot decide), and every crop equals the uncached path's and the full integral's."""
+    from data.augment import sample_crop_boxes
+    from data.cellmask import integral_mask, otsu_threshold
+    from utils.seeding import sample_seed
+
+    table, pixels = sites
+    log: list = []
+    real = datasets.open_site_array
+    monkeypatch.setattr(datasets, "open_site_array", lambda row, ch: _Recorder(real(row, ch), log))
+    cached = TrainCropDataset(table, _recipe(), seed=4)
+    first = cached[(0, 1)]
+    assert log[0] == DEFAULT_CHANNELS.index("DNA")
+    log.clear()
+    again = cached[(1, 1)]
+    assert all(isinstance(key, tuple) for key in log)  # no whole-plane read
+    assert all(key[1].stop - key[1].start <= 24 for key in log)
+    uncached = TrainCropDataset(table, _recipe(), seed=4, mask_cache_mib=0)
+    for key, item in (((0, 1), first), ((1, 1), again)):
+        ref = uncached[key]
+        assert all(torch.equal(a, b) for a, b in zip(item["views"], ref["views"]))
+        assert item["cell_crops"] == ref["cell_crops"]
+        # the reference: boxes drawn with the same generator, tested on the full-resolution summed-area table
+        rng = np.random.default_rng(sample_seed(4, key[0], key[1]))
+        site, dna = pixels[1], pixels[1][DEFAULT_CHANNELS.index("DNA")]
+        otsu = cached._metadata_otsu(1, table.iloc[1])  # NaN for this site: computed from its DNA, as the loader does
+        integral = integral_mask(dna, otsu_threshold(dna) if math.isnan(otsu) else otsu)
+        for spec, view in zip(_recipe().views, item["views"]):
+            boxes, _ = sample_crop_boxes(integral, SIZE, SIZE, spec, rng)
+            want = np.stack([site[:, y: y + h, x: x + w] for y, x, h, w in boxes])
+            assert np.array_equal(view.numpy(), want)

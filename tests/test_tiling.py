@@ -125,6 +125,13 @@ def test_layout_tiles_of_the_region_equal_tiles_of_the_whole_site(center: bool) 
     r = layout.region
     expected, positions = tile_batch(x, 16, 12, center)
     assert np.array_equal(positions, layout.positions)
-    assert torch.equal(layout.tile(x[:, :, r.y0 : r.y0 + r.h, r.x0 : r.x0 + r.w]), expected)
+    region = x[:, :, r.y0 : r.y0 + r.h, r.x0 : r.x0 + r.w]
+    assert torch.equal(layout.tile(region), expected)
+    # inference's form: uint16 pixels gathered and converted to float32 in one copy, same values
+    pixels = (region % 65536).to(torch.uint16)
+    converted = layout.tile(pixels, torch.float32)
+    assert converted.dtype == torch.float32 and converted.is_contiguous()
+    assert torch.equal(converted, layout.tile(pixels).to(torch.float32))
+    assert torch.equal(converted, (expected % 65536).to(torch.float32))
     with pytest.raises(DataError, match="region pixels"):
         layout.tile(x)

@@ -211,15 +211,14 @@ def embed_sites(
     if otsu_missing:
         missing = torch.isnan(otsu)
         otsu = torch.where(missing, otsu_threshold_batch(pixels[:, ctx.dna_index]).to(torch.float32), otsu)
-    tiles = layout.tile(pixels)  # uint16: half the bytes of float through the rearrangement
+    tiles = layout.tile(pixels, torch.float32)  # gathered and converted in one pass over the uint16 pixels
     b, n = tiles.shape[:2]
+    # the rule on the raw float values (exact for uint16), before standardisation overwrites them in place;
     # thresholds are never NaN here (missing ones were just computed): skip the check that would sync the device
     valid = tile_validity(tiles, otsu, ctx.dna_index, ctx.cell_factor, ctx.min_fraction, check_finite=False)
     empty = ~valid.any(dim=1)
     if ctx.empty_sites == "center":
         valid = middle_tile_if_empty(valid)
-    # (x / scale - mean) / std == (x - mean * scale) / (std * scale): one conversion, then in place.
-    x = tiles.reshape(b * n, *tiles.shape[2:]).to(torch.float32)
-    emb = _embed_standardised(ctx, x).reshape(b, n, -1)
+    emb = _embed_standardised(ctx, tiles.view(b * n, *tiles.shape[2:])).reshape(b, n, -1)
     emb = torch.where(valid[..., None], emb, torch.full_like(emb, math.nan))
     return emb, valid, empty
