@@ -246,6 +246,12 @@ class Transaction:
         self.abort()  # a failure anywhere before commit leaves the previous complete results as they were
 
 
+def recover_and_report(folder: str | os.PathLike[str]) -> None:
+    """``recover`` with each action reported on stderr; every locking entry point calls this once it holds the lock."""
+    for line in recover(folder):
+        print(line, file=sys.stderr)
+
+
 @contextmanager
 def output_run(folder: str | os.PathLike[str], lock: bool = True) -> Iterator[Transaction]:
     """Lock ``folder`` (unless ``lock`` is False: a non-zero torchrun rank, or a caller holding it), finish or
@@ -256,8 +262,7 @@ def output_run(folder: str | os.PathLike[str], lock: bool = True) -> Iterator[Tr
     held = OutputLock(folder).acquire() if lock else None
     try:
         if lock:
-            for line in recover(folder):
-                print(line, file=sys.stderr)
+            recover_and_report(folder)
         with Transaction(folder) as tx:
             yield tx
     finally:

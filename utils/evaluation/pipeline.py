@@ -373,7 +373,7 @@ def run_evaluation(cfg: EvalConfig) -> Path:
         for rep in reps:
             results[rep.name] = evaluate_representation(rep, cfg)
             results[rep.name].well.update(well_counts[rep.name])
-        written = write_outputs(results, cfg, tx.staging)
+        written = write_outputs(results, cfg, tx.root())
         tx.commit(run_record(cfg, reps, well_counts, written, time.perf_counter() - start),
                   stale=previous_outputs(cfg.out_dir))
     print(f"evaluated {len(results)} representation(s) in {time.perf_counter() - start:.1f} s; "

@@ -71,7 +71,7 @@ from utils.inference.outputs import (
 from utils.inference.parts import PARTS_DIR, check_resumed, load_part, part_name, pool_and_save
 from utils.inference.plates import PlateResult, assign_plates, embed_plate, plate_signature, pool_plate
 from utils.profiles import feature_columns, resolve_control_query
-from utils.rundir import Transaction, recover
+from utils.rundir import Transaction, recover_and_report
 
 
 def run_inference(cfg: InferenceConfig) -> Path | None:
@@ -96,8 +96,7 @@ def run_inference(cfg: InferenceConfig) -> Path | None:
     lock = claim_output(outdir, dist_info)  # rank 0 holds it; every rank stops when another run does
     try:
         if dist_info.is_main:
-            for line in recover(outdir):
-                print(line, file=sys.stderr)
+            recover_and_report(outdir)
         return embed_and_write(cfg, dist_info, table, outdir, t_start)
     finally:
         if lock is not None:
